@@ -1,0 +1,1 @@
+"""Flower ClientApp: decode the global model, train locally, reply with the update."""

@@ -1,0 +1,1 @@
+"""Flower ServerApp: builds the strategy from config, runs rounds, records and checkpoints."""

@@ -1,0 +1,110 @@
+"""Crash-safe files: atomic writes, safetensors models, single-file checkpoints.
+
+A checkpoint is ONE safetensors file (global weights + strategy state tensors, with the
+round number, history and config in its string metadata), written to a temp file in the
+same directory, fsynced and renamed over the old one. A crash therefore leaves either the
+previous complete checkpoint or the new complete one, never a half-written mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedslim.errors import CheckpointError
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+MODEL_NAME = "model.safetensors"
+RESULTS_NAME = "results.json"
+STRATEGY_PREFIX = "strategy/"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode())
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def save_model(path: Path, state: dict[str, torch.Tensor],
+               metadata: dict[str, str] | None = None) -> int:
+    """Save a state dict as safetensors (atomically); returns the file size in bytes."""
+    data = st_save(_contiguous(state), metadata=metadata)
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def load_model(path: Path) -> dict[str, torch.Tensor]:
+    return st_load(path.read_bytes())
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    model: dict[str, torch.Tensor]
+    strategy_state: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+
+
+def save_checkpoint(outdir: Path, ckpt: Checkpoint) -> Path:
+    tensors = dict(ckpt.model)
+    tensors.update({STRATEGY_PREFIX + k: v for k, v in ckpt.strategy_state.items()})
+    meta = {"round": str(ckpt.round), "history": json.dumps(ckpt.history),
+            "config": json.dumps(ckpt.config), "format": "fedslim-checkpoint/1"}
+    path = outdir / CHECKPOINT_NAME
+    save_model(path, tensors, meta)
+    return path
+
+
+def load_checkpoint(outdir: Path) -> Checkpoint | None:
+    """The last complete checkpoint in ``outdir``, or None if there is none."""
+    path = outdir / CHECKPOINT_NAME
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_model(path)
+        if meta.get("format") != "fedslim-checkpoint/1":
+            raise CheckpointError(f"{path}: not a fedslim checkpoint (format "
+                                  f"{meta.get('format')!r})")
+        model = {k: v for k, v in tensors.items() if not k.startswith(STRATEGY_PREFIX)}
+        strat = {k[len(STRATEGY_PREFIX):]: v for k, v in tensors.items()
+                 if k.startswith(STRATEGY_PREFIX)}
+        return Checkpoint(round=int(meta["round"]), model=model, strategy_state=strat,
+                          history=json.loads(meta["history"]), config=json.loads(meta["config"]))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types on corrupt files
+        raise CheckpointError(f"{path}: unreadable checkpoint: {exc}") from exc

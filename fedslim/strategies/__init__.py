@@ -1,0 +1,1 @@
+"""Flower strategies: FedAvg with deterministic sampling, compressed FedAvg, distillation."""

@@ -1,0 +1,126 @@
+"""Model registry: global models and compact students, by name.
+
+Every factory takes ``(in_channels, num_classes)`` and returns a fresh ``nn.Module``. Spatial
+size is absorbed by adaptive pooling, so the digits models also run on 28x28 MNIST.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fedslim.errors import RegistryError
+
+ModelFactory = Callable[[int, int], nn.Module]
+MODELS: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator adding a factory to :data:`MODELS`; a duplicate name is an error."""
+
+    def deco(fn: ModelFactory) -> ModelFactory:
+        if name in MODELS:
+            raise RegistryError(f"model {name!r} is already registered")
+        MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def build_model(name: str, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """Instantiate a registered model; unknown names list the known ones."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise RegistryError(f"unknown model {name!r}; known models: {sorted(MODELS)}") from None
+    return factory(in_channels, num_classes)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class ConvNet(nn.Module):
+    """Two 3x3 conv layers, pooled to 4x4, then a two-layer MLP head."""
+
+    def __init__(self, in_channels: int, num_classes: int, c1: int, c2: int,
+                 hidden: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True),
+            nn.AdaptiveMaxPool2d((4, 4)),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * 16, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_model("digits_cnn")
+def digits_cnn(in_channels: int, num_classes: int) -> nn.Module:
+    """~151k parameters for 1x8x8 digits: the default global model."""
+    return ConvNet(in_channels, num_classes, c1=32, c2=64, hidden=128)
+
+
+@register_model("digits_student")
+def digits_student(in_channels: int, num_classes: int) -> nn.Module:
+    """~30k parameters (~20% of ``digits_cnn``): the compact student."""
+    return ConvNet(in_channels, num_classes, c1=16, c2=32, hidden=48)
+
+
+@register_model("digits_tiny")
+def digits_tiny(in_channels: int, num_classes: int) -> nn.Module:
+    """~7k parameters: an even smaller student, for the size/accuracy frontier."""
+    return ConvNet(in_channels, num_classes, c1=8, c2=16, hidden=24)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet8(nn.Module):
+    """ResNet-8 for 32x32 inputs: stem + three residual stages (16/32/64 x width)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 1) -> None:
+        super().__init__()
+        w = [16 * width, 32 * width, 64 * width]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True))
+        self.stages = nn.Sequential(BasicBlock(w[0], w[0], 1), BasicBlock(w[0], w[1], 2),
+                                    BasicBlock(w[1], w[2], 2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(w[2], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(x)))
+
+
+@register_model("resnet8")
+def resnet8(in_channels: int, num_classes: int) -> nn.Module:
+    """ResNet-8-like (~78k params at width 1) for CIFAR-sized 3x32x32 inputs."""
+    return ResNet8(in_channels, num_classes, width=1)
+
+
+@register_model("resnet8_student")
+def resnet8_student(in_channels: int, num_classes: int) -> nn.Module:
+    """A narrow plain CNN student for 32x32 inputs (< 25% of ``resnet8``)."""
+    return ConvNet(in_channels, num_classes, c1=8, c2=16, hidden=32)
