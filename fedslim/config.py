@@ -109,7 +109,7 @@ class TrainConfig:
         "model", "Global model architecture (see `fedslim.task.models.MODELS`)."))
     local_epochs: int = field(default=2, metadata=_key(
         "local-epochs", "Local epochs per round.", low=1))
-    batch_size: int = field(default=32, metadata=_key(
+    batch_size: int = field(default=16, metadata=_key(
         "batch-size", "Local mini-batch size.", low=1))
     optimizer: Optimizer = field(default=Optimizer.SGD, metadata=_key(
         "optimizer", "Local optimizer: `sgd` (with momentum) or `adam`."))

@@ -38,7 +38,7 @@ class RunRecorder:
     history: list[dict[str, Any]] = field(default_factory=list)
     progress: bool = True
     resumed_from_round: int | None = None
-    console: Console = field(default_factory=lambda: Console(highlight=False))
+    console: Console = field(default_factory=lambda: Console(highlight=False, soft_wrap=True))
 
     def __post_init__(self) -> None:
         self.started = time.time()

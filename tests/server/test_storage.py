@@ -1,0 +1,60 @@
+import json
+import os
+
+import pytest
+import torch
+
+from fedslim.errors import CheckpointError
+from fedslim.server.storage import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+    save_model,
+)
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    p = tmp_path / "f.json"
+    atomic_write_json(p, {"a": 1})
+    atomic_write_json(p, {"a": 2})
+    assert json.loads(p.read_text()) == {"a": 2}
+    assert [f.name for f in tmp_path.iterdir()] == ["f.json"], "temp files left behind"
+
+
+def test_crash_during_write_leaves_previous_file_intact(tmp_path, monkeypatch):
+    p = tmp_path / "ckpt"
+    atomic_write_bytes(p, b"old-complete")
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError, match="simulated"):
+        atomic_write_bytes(p, b"new-but-interrupted")
+    assert p.read_bytes() == b"old-complete"
+    assert [f.name for f in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_model_round_trip(tmp_path):
+    state = {"w": torch.randn(3, 4), "b": torch.arange(3, dtype=torch.float32)}
+    n = save_model(tmp_path / "m.safetensors", state)
+    assert n == (tmp_path / "m.safetensors").stat().st_size
+    back = load_model(tmp_path / "m.safetensors")
+    assert all(torch.equal(state[k], back[k]) for k in state)
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    ck = Checkpoint(round=3, model={"w": torch.ones(2)}, strategy_state={"m": torch.zeros(2)},
+                    history=[{"round": 1}], config={"seed": 1})
+    save_checkpoint(tmp_path, ck)
+    back = load_checkpoint(tmp_path)
+    assert back is not None and back.round == 3 and back.history == [{"round": 1}]
+    assert torch.equal(back.model["w"], torch.ones(2)) and "m" in back.strategy_state
+    assert load_checkpoint(tmp_path / "nothing") is None
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(tmp_path)
