@@ -1,0 +1,359 @@
+"""Typed configuration of a compression pipeline and its canonical spec string.
+
+A pipeline is a fixed sequence of optional *slots* -- selection (top-k), value coding
+(quantize / sign / cast), position coding, lossless packing (zstd) and the small-tensor
+passthrough -- each filled by one frozen config dataclass. Keeping the slots fixed (rather than
+an arbitrary list of stages) makes every spec mean exactly one thing on the wire, gives each
+spec exactly one canonical string, and lets the decoder check a payload against the spec it
+claims. The grammar that reads these strings lives in :mod:`fedslim.compression.grammar`.
+
+Each config declares its :class:`StageProperties`; :class:`PipelineSpec` combines them, so the
+shared test suite can check exactly what each pipeline promises (lossless, unbiased, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from fedslim.errors import SpecError
+
+DEFAULT_PASSTHROUGH = 256
+"""Tensors with fewer elements than this skip top-k and quantization (biases, norms)."""
+DEFAULT_SAMPLED_TOL = 0.1
+DEFAULT_ZSTD_LEVEL = 3
+
+
+class SelectMode(Enum):
+    """How top-k finds its threshold."""
+
+    EXACT = "exact"  # exactly k kept; ties broken by lowest index
+    SAMPLED = "sampled"  # DGC: threshold from a random sample; count within +-tol of k
+
+
+class Scope(Enum):
+    """Whether k is per tensor or shared by all (non-passthrough) tensors."""
+
+    TENSOR = "tensor"
+    GLOBAL = "global"
+
+
+class Rounding(Enum):
+    NEAREST = "nearest"  # deterministic; |error| <= half a quantization step
+    STOCHASTIC = "stochastic"  # unbiased: E[decoded] == input
+
+
+class ScaleStat(Enum):
+    """Which statistic of a block sets the quantization range [-s, s]."""
+
+    MAX = "max"  # s = max |v| (absmax, as NVFlare blockwise8)
+    NORM = "norm"  # s = ||v||_2 (QSGD)
+
+
+class Precision(Enum):
+    """Plain floating-point formats used for casts and passthrough tensors."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class PositionCoding(Enum):
+    """How the indices of kept values are written."""
+
+    AUTO = "auto"  # per tensor, the cheaper of bitmap and golomb
+    BITMAP = "bitmap"  # one bit per element
+    GOLOMB = "golomb"  # Golomb-Rice code of the gaps between indices
+
+
+@dataclass(frozen=True)
+class StageProperties:
+    """What a stage promises; a pipeline promises what all of its stages promise.
+
+    Attributes
+    ----------
+    lossless : bool
+        Decoding gives back the float32 input bit for bit.
+    unbiased : bool
+        Over the encoder's randomness, the expected decoded value equals the input.
+    deterministic : bool
+        Encoding the same input twice gives the same bytes (no randomness used).
+    """
+
+    lossless: bool
+    unbiased: bool
+    deterministic: bool
+
+    def __and__(self, other: StageProperties) -> StageProperties:
+        return StageProperties(
+            lossless=self.lossless and other.lossless,
+            unbiased=self.unbiased and other.unbiased,
+            deterministic=self.deterministic and other.deterministic,
+        )
+
+
+EXACT = StageProperties(lossless=True, unbiased=True, deterministic=True)
+
+
+def _fmt_float(x: float) -> str:
+    # repr is the shortest string that round-trips, so printing then parsing is the identity.
+    return repr(float(x))
+
+
+@dataclass(frozen=True)
+class TopKConfig:
+    """Keep the largest-magnitude entries: a ``fraction`` in (0, 1] or a fixed ``count``."""
+
+    fraction: float | None = None
+    count: int | None = None
+    mode: SelectMode = SelectMode.EXACT
+    scope: Scope = Scope.TENSOR
+    tol: float = DEFAULT_SAMPLED_TOL
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.count is None):
+            raise SpecError("topk needs exactly one of a fraction (e.g. 0.01) or a count "
+                            "(e.g. 100)")
+        if self.fraction is not None and not (0.0 < self.fraction <= 1.0):
+            raise SpecError(f"topk fraction must be in (0, 1], got {self.fraction!r}")
+        if self.count is not None and self.count < 1:
+            raise SpecError(f"topk count must be >= 1, got {self.count!r}")
+        if not (0.0 < self.tol < 1.0) or not math.isfinite(self.tol):
+            raise SpecError(f"topk tol must be in (0, 1), got {self.tol!r}")
+        if self.mode is SelectMode.EXACT and self.tol != DEFAULT_SAMPLED_TOL:
+            raise SpecError("topk tol applies only to mode=sampled")
+
+    def k_for(self, numel: int) -> int:
+        """Number of entries to keep out of ``numel`` (at least one when numel > 0)."""
+        if numel <= 0:
+            return 0
+        if self.count is not None:
+            return min(self.count, numel)
+        return min(numel, max(1, round((self.fraction or 0.0) * numel)))
+
+    @property
+    def is_dense(self) -> bool:
+        return self.fraction == 1.0
+
+    @property
+    def properties(self) -> StageProperties:
+        if self.is_dense:
+            return EXACT
+        return StageProperties(False, False, self.mode is SelectMode.EXACT)
+
+    def __str__(self) -> str:
+        amount = str(self.count) if self.count is not None else _fmt_float(self.fraction or 0.0)
+        parts = [amount]
+        if self.mode is not SelectMode.EXACT:
+            parts.append(f"mode={self.mode.value}")
+        if self.scope is not Scope.TENSOR:
+            parts.append(f"scope={self.scope.value}")
+        if self.tol != DEFAULT_SAMPLED_TOL:
+            parts.append(f"tol={_fmt_float(self.tol)}")
+        return "topk:" + ",".join(parts)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Uniform ``bits``-bit quantization of values to ``2**bits`` levels spanning [-s, s].
+
+    ``block`` = 0 uses one scale per tensor; otherwise one scale per ``block`` consecutive
+    (kept) values, which bounds the damage one outlier does to its neighbours' resolution.
+    """
+
+    bits: int
+    rounding: Rounding = Rounding.NEAREST
+    block: int = 0
+    scale: ScaleStat = ScaleStat.MAX
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.bits <= 8):
+            raise SpecError(f"q bits must be an integer in 1..8, got {self.bits!r}")
+        if not (0 <= self.block <= 1 << 24):
+            raise SpecError(f"q block must be 0 (per tensor) or in 1..{1 << 24}, got {self.block}")
+
+    @property
+    def properties(self) -> StageProperties:
+        stochastic = self.rounding is Rounding.STOCHASTIC
+        return StageProperties(False, stochastic, not stochastic)
+
+    def __str__(self) -> str:
+        parts = [str(self.bits)]
+        if self.block:
+            parts.append(f"block={self.block}")
+        if self.rounding is not Rounding.NEAREST:
+            parts.append(f"round={self.rounding.value}")
+        if self.scale is not ScaleStat.MAX:
+            parts.append(f"scale={self.scale.value}")
+        return "q:" + ",".join(parts)
+
+
+@dataclass(frozen=True)
+class SignConfig:
+    """1-bit sign times the mean magnitude of the block (signSGD / STC when after top-k)."""
+
+    block: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.block <= 1 << 24):
+            raise SpecError(f"sign block must be 0 (per tensor) or in 1..{1 << 24}, "
+                            f"got {self.block}")
+
+    @property
+    def properties(self) -> StageProperties:
+        return StageProperties(False, False, True)
+
+    def __str__(self) -> str:
+        return f"sign:block={self.block}" if self.block else "sign"
+
+
+@dataclass(frozen=True)
+class CastConfig:
+    """The trivial quantizers: send values as fp32 (exact), fp16 or bf16."""
+
+    precision: Precision = Precision.FP32
+
+    @property
+    def properties(self) -> StageProperties:
+        if self.precision is Precision.FP32:
+            return EXACT
+        return StageProperties(False, False, True)
+
+    def __str__(self) -> str:
+        return self.precision.value
+
+
+ValueConfig = QuantizeConfig | SignConfig | CastConfig
+
+
+@dataclass(frozen=True)
+class ZstdConfig:
+    """General-purpose compression of each tensor's sections, kept only where it is smaller."""
+
+    level: int = DEFAULT_ZSTD_LEVEL
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.level <= 22):
+            raise SpecError(f"zstd level must be in 1..22, got {self.level!r}")
+
+    def __str__(self) -> str:
+        return "zstd" if self.level == DEFAULT_ZSTD_LEVEL else f"zstd:{self.level}"
+
+
+@dataclass(frozen=True)
+class PassthroughConfig:
+    """Tensors with fewer than ``below`` elements go as plain ``precision`` values."""
+
+    below: int = DEFAULT_PASSTHROUGH
+    precision: Precision = Precision.FP32
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.below <= 1 << 31):
+            raise SpecError(f"pass threshold must be in 0..{1 << 31}, got {self.below!r}")
+
+    @property
+    def is_default(self) -> bool:
+        return self == PassthroughConfig()
+
+    def __str__(self) -> str:
+        if self.precision is Precision.FP32:
+            return f"pass:{self.below}"
+        return f"pass:{self.below},dtype={self.precision.value}"
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A whole compression pipeline; ``str(spec)`` is its canonical spec string.
+
+    The default instance is the ``none`` pipeline: every tensor as plain float32.
+    """
+
+    topk: TopKConfig | None = None
+    values: ValueConfig = field(default_factory=CastConfig)
+    positions: PositionCoding = PositionCoding.AUTO
+    zstd: ZstdConfig | None = None
+    passthrough: PassthroughConfig = field(default_factory=PassthroughConfig)
+
+    def __post_init__(self) -> None:
+        if self.positions is not PositionCoding.AUTO and self.topk is None:
+            raise SpecError(
+                f"position coding {self.positions.value!r} needs a 'topk' stage before it"
+            )
+
+    # -- declared properties -------------------------------------------------------------
+    @property
+    def properties(self) -> StageProperties:
+        props = self.values.properties
+        if self.topk is not None:
+            props = props & self.topk.properties
+        if self.compresses and self.passthrough.below > 0:
+            props = props & CastConfig(self.passthrough.precision).properties
+        return props
+
+    @property
+    def compresses(self) -> bool:
+        """True when some tensor would be sparsified or quantized (so passthrough matters)."""
+        return self.topk is not None or not isinstance(self.values, CastConfig)
+
+    @property
+    def is_lossless(self) -> bool:
+        """Decoding reproduces the float32 input bit for bit."""
+        return self.properties.lossless
+
+    @property
+    def is_unbiased(self) -> bool:
+        """E[decoded] == input over the encoder's randomness (no top-k, no biased rounding)."""
+        return self.properties.unbiased
+
+    @property
+    def is_deterministic(self) -> bool:
+        """Same input, same bytes. Decoding is always deterministic, whatever the spec."""
+        return self.properties.deterministic
+
+    # -- schedule -----------------------------------------------------------------------
+    def at_round(self, server_round: int, warmup_rounds: int, start_density: float = 0.25
+                 ) -> PipelineSpec:
+        """The spec to use in ``server_round`` (1-based) under a DGC-style sparsity warm-up.
+
+        Density decays exponentially from ``start_density`` in round 1 to the target
+        fraction in round ``warmup_rounds + 1`` and stays there (DGC: 25%, 6.25%, 1.56%,
+        0.39%, then 0.1%). Returns ``self`` when ``warmup_rounds == 0``, when there is no
+        top-k stage, or when the target is already at least ``start_density``.
+
+        Raises
+        ------
+        SpecError
+            If the top-k stage keeps a fixed count (a count has no density to decay from),
+            or the arguments are out of range.
+        """
+        if warmup_rounds < 0 or server_round < 1:
+            raise SpecError(f"need server_round >= 1 and warmup_rounds >= 0, "
+                            f"got {server_round} and {warmup_rounds}")
+        if not (0.0 < start_density <= 1.0):
+            raise SpecError(f"start_density must be in (0, 1], got {start_density!r}")
+        if warmup_rounds == 0 or self.topk is None:
+            return self
+        target = self.topk.fraction
+        if target is None:
+            raise SpecError(f"sparsity warm-up needs a fractional topk, not a count ({self.topk})")
+        if server_round > warmup_rounds or target >= start_density:
+            return self
+        ratio = (server_round - 1) / warmup_rounds
+        density = start_density * (target / start_density) ** ratio
+        density = min(1.0, max(target, density))
+        return replace(self, topk=replace(self.topk, fraction=density))
+
+    def __str__(self) -> str:
+        stages: list[str] = []
+        if self.topk is not None:
+            stages.append(str(self.topk))
+        if self.values != CastConfig():
+            stages.append(str(self.values))
+        if self.positions is not PositionCoding.AUTO:
+            stages.append(self.positions.value)
+        if self.zstd is not None:
+            stages.append(str(self.zstd))
+        if not self.passthrough.is_default:
+            stages.append(str(self.passthrough))
+        return "|".join(stages) if stages else "none"

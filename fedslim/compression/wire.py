@@ -1,0 +1,369 @@
+"""The fedslim wire format, version 1: framing, tensor records and their validation.
+
+Layout (all integers little-endian; ``varint`` = unsigned LEB128, minimal, <= 10 bytes)::
+
+    header (20 bytes)
+      0   4  magic      b"FSLM"
+      4   2  version    u16 = 1
+      6   2  flags      u16 = 0 (reserved; any set bit is rejected)
+      8   8  body_len   u64, bytes after the header (must match exactly)
+      16  4  crc32      u32, zlib.crc32 of header[0:16] followed by the body
+    body
+      varint spec_len, spec (ASCII canonical spec string)
+      varint n_tensors
+      n_tensors x record
+    record
+      varint shared     bytes of the name equal to the previous record's name (front coding)
+      varint suffix_len, suffix; name = previous[:shared] + suffix, valid UTF-8, unique
+      u8     dtype_ndim: bits 7-6 source dtype (0 f32, 1 f16, 2 bf16, 3 f64), bits 5-0 ndim
+      ndim x varint dim (ndim <= 32)
+      u8     coding: bits 7-6 value codec (0 f32, 1 f16, 2 bf16, 3 quantized),
+                     bits 5-2 bits (1..8 when quantized, else 0), bit 1 = 0, bit 0 zstd
+      varint block (quantized: 0 = one scale per tensor; else 0)
+      u8     position: bits 7-6 codec (0 all, 1 bitmap, 2 golomb-rice), bits 5-0 rice param
+      varint count (kept values)
+      varint positions_len, varint scales_len, varint values_len (raw section lengths)
+      [varint stored_len, when zstd]
+      data: positions | scales | values, or one zstd frame of that concatenation
+
+The reader checks the magic, version, flags and body length first, then the checksum, then
+every field in order, comparing each length with what the record's count/shape/codec imply
+*before* slicing or allocating anything sized by the payload; a zstd frame is only inflated
+to the exact size those checks allowed. Every failure is a :class:`DecodeError` naming the
+field, the tensor and the byte offset. No pickle, no eval: the format is plain bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from types import ModuleType
+
+import numpy as np
+
+from fedslim.compression.bitpack import packed_size
+from fedslim.compression.positions import PositionCodec, rice_size_range
+from fedslim.compression.quantize import ValueCodec, n_scales
+from fedslim.errors import DecodeError, EncodeError
+
+MAGIC = b"FSLM"
+VERSION = 1
+WIRE_STYPE = f"fedslim.wire/v{VERSION}"
+HEADER = struct.Struct("<4sHHQI")
+MAX_NDIM = 32
+MAX_NAME_BYTES = 1 << 16
+ZSTD_MIN_GAIN = 1 / 64
+"""zstd output is kept only if it saves at least this fraction of a record's data."""
+
+
+class SourceDtype(IntEnum):
+    F32 = 0
+    F16 = 1
+    BF16 = 2
+    F64 = 3
+
+
+class Packing(IntEnum):
+    RAW = 0
+    ZSTD = 1
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor on the wire; sections are raw (uncompressed) uint8 arrays."""
+
+    name: str
+    source_dtype: SourceDtype
+    shape: tuple[int, ...]
+    value_codec: ValueCodec
+    bits: int
+    block: int
+    position_codec: PositionCodec
+    rice_param: int
+    count: int
+    positions: np.ndarray
+    scales: np.ndarray
+    values: np.ndarray
+    packing: Packing = Packing.RAW
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _zstd() -> ModuleType | None:
+    try:
+        import zstandard
+    except ImportError:  # the GPU box may have only torch
+        return None
+    return zstandard
+
+
+def write_payload(spec: str, records: list[TensorRecord], zstd_level: int | None) -> bytes:
+    """Serialise records under ``spec``; with ``zstd_level``, compress where it pays."""
+    compressor = None
+    if zstd_level is not None:
+        zstandard = _zstd()
+        if zstandard is None:
+            raise EncodeError("spec asks for zstd but the 'zstandard' package is not installed")
+        compressor = zstandard.ZstdCompressor(level=zstd_level)
+    spec_bytes = spec.encode("ascii")
+    parts: list[bytes | memoryview] = [_varint(len(spec_bytes)), spec_bytes,
+                                       _varint(len(records))]
+    previous = b""
+    for rec in records:
+        name = rec.name.encode("utf-8")
+        if len(name) > MAX_NAME_BYTES or len(rec.shape) > MAX_NDIM:
+            raise EncodeError(f"tensor {rec.name[:80]!r}: name over {MAX_NAME_BYTES} bytes "
+                              f"or more than {MAX_NDIM} dimensions")
+        sections = [rec.positions, rec.scales, rec.values]
+        raw_len = sum(s.size for s in sections)
+        stored: list[bytes | memoryview] = [s.data for s in sections]
+        packing = Packing.RAW
+        if compressor is not None and raw_len >= 64:
+            packed = compressor.compress(b"".join(s.data for s in sections))
+            if len(packed) <= raw_len * (1 - ZSTD_MIN_GAIN):
+                stored, packing = [packed], Packing.ZSTD
+        shared = _common_prefix(previous, name)
+        previous = name
+        head = bytearray(_varint(shared) + _varint(len(name) - shared) + name[shared:])
+        head.append(rec.source_dtype << 6 | len(rec.shape))
+        for d in rec.shape:
+            head += _varint(d)
+        head.append(rec.value_codec << 6 | rec.bits << 2 | packing)
+        head += _varint(rec.block)
+        head.append(rec.position_codec << 6 | rec.rice_param)
+        head += _varint(rec.count)
+        for s in sections:
+            head += _varint(s.size)
+        if packing is Packing.ZSTD:
+            head += _varint(len(stored[0]))
+        parts.append(bytes(head))
+        parts.extend(stored)
+    body_len = sum(len(part) for part in parts)
+    head16 = HEADER.pack(MAGIC, VERSION, 0, body_len, 0)[:16]
+    crc = zlib.crc32(head16)
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return b"".join([head16, struct.pack("<I", crc), *parts])  # the only copy of the data
+
+
+class _Reader:
+    """Bounds-checked cursor over the body; every read names what it was reading."""
+
+    def __init__(self, body: memoryview, base: int) -> None:
+        self.buf, self.pos, self.base, self.where = body, 0, base, "payload"
+
+    def fail(self, msg: str) -> DecodeError:
+        return DecodeError(f"{self.where}: {msg} (at byte {self.base + self.pos})")
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n > len(self.buf) - self.pos:
+            raise self.fail(f"truncated {what}: need {n} bytes, {len(self.buf) - self.pos} left")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def varint(self, what: str) -> int:
+        value = 0
+        for i in range(10):
+            byte = self.u8(what)
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                if byte == 0 and i > 0:
+                    raise self.fail(f"non-minimal varint in {what}")
+                if value >= 1 << 64:
+                    raise self.fail(f"{what} does not fit in 64 bits")
+                return value
+        raise self.fail(f"varint for {what} is longer than 10 bytes")
+
+
+def read_header(payload: bytes | bytearray | memoryview) -> memoryview:
+    """Check the 20-byte header and checksum; return the body."""
+    view = memoryview(payload).cast("B")
+    if len(view) < HEADER.size:
+        raise DecodeError(f"payload is {len(view)} bytes, shorter than the "
+                          f"{HEADER.size}-byte header")
+    magic, version, flags, body_len, crc = HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise DecodeError(f"bad magic {bytes(magic)!r} at byte 0, expected {MAGIC!r} "
+                          "(not a fedslim payload)")
+    if version != VERSION:
+        raise DecodeError(f"unsupported wire version {version} at byte 4; this decoder "
+                          f"reads version {VERSION}")
+    if flags:
+        raise DecodeError(f"unknown flags 0x{flags:04x} at byte 6")
+    if body_len != len(view) - HEADER.size:
+        kind = "truncated" if body_len > len(view) - HEADER.size else "trailing bytes"
+        raise DecodeError(f"{kind}: header says the body is {body_len} bytes, "
+                          f"payload has {len(view) - HEADER.size} after the header")
+    body = view[HEADER.size:]
+    actual = zlib.crc32(body, zlib.crc32(view[:16]))
+    if actual != crc:
+        raise DecodeError(f"checksum mismatch: header crc32 0x{crc:08x}, body 0x{actual:08x}")
+    return body
+
+
+def read_payload(payload: bytes | bytearray | memoryview, max_elements: int
+                 ) -> tuple[str, list[TensorRecord]]:
+    """Parse and structurally validate a payload into its spec string and records."""
+    rd = _Reader(read_header(payload), HEADER.size)
+    spec_bytes = rd.take(rd.varint("spec length"), "spec string")
+    try:
+        spec = bytes(spec_bytes).decode("ascii")
+    except UnicodeDecodeError:
+        raise rd.fail("spec string is not ASCII") from None
+    n_tensors = rd.varint("tensor count")
+    if n_tensors > len(rd.buf) - rd.pos:  # each record is at least a few bytes
+        raise rd.fail(f"tensor count {n_tensors} exceeds the bytes left")
+    records: list[TensorRecord] = []
+    names: set[str] = set()
+    budget, previous = max_elements, b""
+    for i in range(n_tensors):
+        rd.where = f"tensor #{i}"
+        rec, previous = _read_record(rd, budget, previous)
+        if rec.name in names:
+            raise rd.fail(f"duplicate tensor name {rec.name!r}")
+        names.add(rec.name)
+        budget -= rec.numel
+        records.append(rec)
+    rd.where = "payload"
+    if rd.pos != len(rd.buf):
+        raise rd.fail(f"{len(rd.buf) - rd.pos} trailing bytes after the last tensor")
+    return spec, records
+
+
+def _enum(rd: _Reader, cls: type[IntEnum], value: int, what: str) -> IntEnum:  # noqa: D103
+    try:
+        return cls(value)
+    except ValueError:
+        raise rd.fail(f"unknown {what} {value}") from None
+
+
+def _read_record(rd: _Reader, budget: int, previous: bytes) -> tuple[TensorRecord, bytes]:
+    shared = rd.varint("shared name prefix")
+    if shared > len(previous):
+        raise rd.fail(f"name shares {shared} bytes with a previous name of {len(previous)}")
+    raw_name = previous[:shared] + bytes(rd.take(rd.varint("name length"), "tensor name"))
+    if len(raw_name) > MAX_NAME_BYTES:
+        raise rd.fail(f"tensor name is over {MAX_NAME_BYTES} bytes")
+    try:
+        name = raw_name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise rd.fail("tensor name is not valid UTF-8") from None
+    rd.where = f"{rd.where} {name[:80]!r}"
+    dtype_ndim = rd.u8("dtype/ndim byte")
+    source, ndim = dtype_ndim >> 6, dtype_ndim & 0x3F
+    if ndim > MAX_NDIM:
+        raise rd.fail(f"ndim {ndim} > {MAX_NDIM}")
+    shape = tuple(rd.varint("dimension") for _ in range(ndim))
+    numel = 1
+    for d in shape:  # python ints cannot overflow: <= 32 factors below 2**64
+        numel *= d
+    if numel > budget or any(d >= 1 << 63 for d in shape):
+        raise rd.fail(f"shape {shape} has {numel} elements, over the limit "
+                      f"({budget} left of max_elements)")
+    coding = rd.u8("coding byte")
+    if coding & 0b10:
+        raise rd.fail(f"reserved bit set in coding byte 0x{coding:02x}")
+    value_codec, bits, packing = ValueCodec(coding >> 6), (coding >> 2) & 0xF, Packing(coding & 1)
+    block = rd.varint("block")
+    position = rd.u8("position byte")
+    pos_codec = _enum(rd, PositionCodec, position >> 6, "position codec")
+    rice = position & 0x3F
+    count = rd.varint("count")
+    lengths = [rd.varint(f"{s} length") for s in ("positions", "scales", "values")]
+    quant = value_codec is ValueCodec.QUANT
+    if quant and not 1 <= bits <= 8:
+        raise rd.fail(f"quantized values need 1..8 bits, got {bits}")
+    if not quant and (bits or block):
+        raise rd.fail(f"cast values must have bits=0 and block=0, got {bits} and {block}")
+    if block > 1 << 24:
+        raise rd.fail(f"block {block} exceeds {1 << 24}")
+    if pos_codec is not PositionCodec.RICE and rice:
+        raise rd.fail(f"rice parameter {rice} given for a non-golomb position code")
+    if count > numel:
+        raise rd.fail(f"count {count} exceeds the {numel} elements of shape {shape}")
+    expected_values = (packed_size(count, bits) if quant
+                       else count * (4 if value_codec is ValueCodec.F32 else 2))
+    expected_scales = 4 * n_scales(count, block) if quant else 0
+    if lengths[1] != expected_scales:
+        raise rd.fail(f"scales section is {lengths[1]} bytes, expected {expected_scales}")
+    if lengths[2] != expected_values:
+        raise rd.fail(f"values section is {lengths[2]} bytes, expected {expected_values} "
+                      f"for {count} values")
+    _check_positions_length(rd, pos_codec, rice, count, numel, lengths[0])
+    raw_len = sum(lengths)
+    if packing is Packing.ZSTD:
+        stored = rd.take(rd.varint("zstd length"), "zstd frame")
+        data = _inflate(rd, stored, raw_len)
+    else:
+        data = np.frombuffer(rd.take(raw_len, "tensor data"), dtype=np.uint8)
+    cut = np.cumsum([0, *lengths])
+    sections = [data[cut[j]:cut[j + 1]] for j in range(3)]
+    return TensorRecord(name, SourceDtype(source), shape, value_codec, bits, block,
+                        PositionCodec(pos_codec), rice, count, positions=sections[0],
+                        scales=sections[1], values=sections[2], packing=packing), raw_name
+
+
+def _check_positions_length(rd: _Reader, codec: IntEnum, rice: int, count: int, numel: int,
+                            length: int) -> None:
+    if codec is PositionCodec.ALL:
+        ok, expected = length == 0 and count == numel, "0 bytes and count == numel"
+    elif codec is PositionCodec.BITMAP:
+        ok, expected = length == packed_size(numel, 1), f"{packed_size(numel, 1)} bytes"
+    else:
+        low, high = rice_size_range(count, numel, rice)
+        ok, expected = low <= length <= high, f"{low}..{high} bytes"
+    if not ok:
+        raise rd.fail(f"positions section is {length} bytes (count {count}, numel {numel}); "
+                      f"expected {expected}")
+
+
+def _inflate(rd: _Reader, stored: memoryview, raw_len: int) -> np.ndarray:
+    zstandard = _zstd()
+    if zstandard is None:
+        raise rd.fail("zstd-packed tensor but the 'zstandard' package is not installed")
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as exc:
+        raise rd.fail(f"bad zstd frame header: {exc}") from None
+    if declared != raw_len:
+        raise rd.fail(f"zstd frame declares {declared} bytes, sections need {raw_len}")
+    inflater = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        out = inflater.decompress(stored)
+    except zstandard.ZstdError as exc:
+        raise rd.fail(f"corrupt zstd frame: {exc}") from None
+    if not inflater.eof or inflater.unused_data or len(out) != raw_len:
+        raise rd.fail(f"zstd frame is incomplete, has trailing bytes, or inflates to "
+                      f"{len(out)} bytes instead of {raw_len}")
+    return np.frombuffer(out, dtype=np.uint8)
