@@ -27,31 +27,48 @@ def _key(key: str, help: str, *, low: float | None = None, high: float | None = 
     return {"key": key, "help": help, "low": low, "high": high, "low_open": low_open}
 
 
-class Dataset(str, enum.Enum):
+class Dataset(enum.StrEnum):
     DIGITS = "digits"
     SYNTHETIC = "synthetic"
     MNIST = "mnist"
     CIFAR10 = "cifar10"
 
 
-class Partitioning(str, enum.Enum):
+class Partitioning(enum.StrEnum):
     IID = "iid"
     DIRICHLET = "dirichlet"
     PATHOLOGICAL = "pathological"
 
 
-class Optimizer(str, enum.Enum):
+class Optimizer(enum.StrEnum):
     SGD = "sgd"
     ADAM = "adam"
 
 
-class DevicePref(str, enum.Enum):
+class DevicePref(enum.StrEnum):
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
 
 
-class Augment(str, enum.Enum):
+class StrategyName(enum.StrEnum):
+    FEDSLIM = "fedslim"              # compressed FedAvg (+ distillation when enabled)
+    FLOWER_FEDAVG = "flower-fedavg"  # Flower's own FedAvg aggregation (reference)
+
+
+class ServerOpt(enum.StrEnum):
+    AVG = "avg"      # w += server-lr * mean update (FedAvg when server-lr = 1)
+    AVGM = "avgm"    # server momentum (FedAvgM)
+    ADAM = "adam"    # FedAdam
+
+
+class Teacher(enum.StrEnum):
+    ENSEMBLE = "ensemble"  # mean logits of the participating clients' models
+    GLOBAL = "global"      # the aggregated global model
+    BOTH = "both"          # mean of the two
+
+
+class Augment(enum.StrEnum):
     NONE = "none"
     NOISE = "noise"
     SHIFT = "shift"
@@ -135,6 +152,9 @@ class TrainConfig:
 class FederationConfig:
     """The federated loop on the server."""
 
+    strategy: StrategyName = field(default=StrategyName.FEDSLIM, metadata=_key(
+        "strategy", "`fedslim` (compressed FedAvg, optional distillation) or "
+        "`flower-fedavg` (Flower's own FedAvg aggregation; needs uplink/downlink `none`)."))
     num_server_rounds: int = field(default=20, metadata=_key(
         "num-server-rounds", "Number of federated rounds.", low=1))
     fraction_train: float = field(default=1.0, metadata=_key(
@@ -160,6 +180,80 @@ class FederationConfig:
         "progress", "Print a rich per-round progress line."))
 
 
+def _check_spec(key: str, spec: str) -> None:
+    from fedslim.compression import parse_spec  # lazy: keep config import light
+    from fedslim.errors import SpecError
+
+    try:
+        parse_spec(spec)
+    except SpecError as exc:
+        raise ConfigError(f"run-config key {key!r}: invalid pipeline spec {spec!r}: {exc}") \
+            from None
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Update compression on the wire and the server-side optimizer."""
+
+    uplink: str = field(default="none", metadata=_key(
+        "uplink", "Client-to-server pipeline spec (`none` = plain float32 arrays, exactly "
+        "as stock Flower; e.g. `topk:0.01|q:4`). See docs/compression.md."))
+    downlink: str = field(default="none", metadata=_key(
+        "downlink", "Server-to-client pipeline for the global model *delta* (`none` = full "
+        "float32 model every round). The server decodes its own payload, so clients and "
+        "server hold bit-identical weights with any pipeline."))
+    error_feedback: bool = field(default=True, metadata=_key(
+        "error-feedback", "Clients add what compression dropped to their next update."))
+    warmup_rounds: int = field(default=0, metadata=_key(
+        "warmup-rounds", "DGC-style sparsity warm-up: top-k density decays exponentially "
+        "from 25% to the target over this many rounds.", low=0))
+    server_opt: ServerOpt = field(default=ServerOpt.AVG, metadata=_key(
+        "server-opt", "How the averaged update is applied: `avg`, `avgm` (momentum) or "
+        "`adam`."))
+    server_lr: float = field(default=1.0, metadata=_key(
+        "server-lr", "Server learning rate applied to the averaged update.", low=0.0,
+        low_open=True))
+    server_momentum: float = field(default=0.9, metadata=_key(
+        "server-momentum", "Momentum for `avgm`; beta1 for `adam`.", low=0.0, high=0.999))
+    max_update_elements: int = field(default=1 << 28, metadata=_key(
+        "max-update-elements", "Decoder limit on elements per payload (rejects bombs).",
+        low=1))
+
+    def __post_init__(self) -> None:
+        _check_spec("uplink", self.uplink)
+        _check_spec("downlink", self.downlink)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Server-side ensemble distillation into a compact student (FedDF-style)."""
+
+    distill: bool = field(default=False, metadata=_key(
+        "distill", "Distil a compact student on the server's unlabelled proxy set."))
+    student_model: str = field(default="digits_student", metadata=_key(
+        "student-model", "Student architecture (<= 25% of the global model's params)."))
+    teacher: Teacher = field(default=Teacher.ENSEMBLE, metadata=_key(
+        "distill-teacher", "Teacher: `ensemble` of client models, `global` model, `both`."))
+    every: int = field(default=1, metadata=_key(
+        "distill-every", "Distil every k rounds (and always in the last round).", low=1))
+    temperature: float = field(default=3.0, metadata=_key(
+        "distill-temperature", "Softmax temperature for the KL loss.", low=0.0,
+        low_open=True))
+    steps: int = field(default=200, metadata=_key(
+        "distill-steps", "Maximum optimizer steps per distillation.", low=1))
+    lr: float = field(default=1e-3, metadata=_key(
+        "distill-lr", "Adam learning rate of the student.", low=0.0, low_open=True))
+    batch_size: int = field(default=64, metadata=_key(
+        "distill-batch-size", "Proxy mini-batch size.", low=1))
+    patience: int = field(default=5, metadata=_key(
+        "distill-patience", "Early stopping: evaluations on the val split without "
+        "improvement (one evaluation every `distill-eval-every` steps).", low=1))
+    eval_every: int = field(default=20, metadata=_key(
+        "distill-eval-every", "Steps between validation checks.", low=1))
+    augment: Augment = field(default=Augment.NOISE_SHIFT, metadata=_key(
+        "distill-augment", "Augmentation of proxy inputs (teacher sees the same inputs)."))
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The whole run configuration: one section per concern."""
@@ -167,8 +261,14 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FederationConfig = field(default_factory=FederationConfig)
+    comp: CompressionConfig = field(default_factory=CompressionConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
+        if self.fed.strategy is StrategyName.FLOWER_FEDAVG and (
+                self.comp.uplink != "none" or self.comp.downlink != "none"):
+            raise ConfigError("strategy='flower-fedavg' sends plain arrays: it needs "
+                              "uplink='none' and downlink='none'")
         if self.fed.min_available_nodes < self.fed.min_train_nodes:
             raise ConfigError(
                 f"min-available-nodes={self.fed.min_available_nodes} must be >= "
@@ -185,7 +285,8 @@ class RunConfig:
 
 
 SECTION_TYPES: dict[str, type] = {
-    "data": DataConfig, "train": TrainConfig, "fed": FederationConfig}
+    "data": DataConfig, "train": TrainConfig, "fed": FederationConfig,
+    "comp": CompressionConfig, "distill": DistillConfig}
 
 
 def _sections(cfg: RunConfig) -> list[Any]:

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from fedslim.bench.baseline import run_bare_fedavg
+from fedslim.bench.runner import simulate_subprocess
 from fedslim.config import parse_cli_overrides, parse_run_config
 
 
@@ -36,16 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_run_config(overrides=overrides)
 
     bare = run_bare_fedavg(cfg, args.num_clients)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "fedslim.cli", "simulate", "--num-clients",
-               str(args.num_clients), "--rounds", str(args.rounds), "--output-dir", tmp,
-               "-c", "progress=false"]
-        for item in args.run_config:
-            cmd += ["-c", item]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True)
-        flower_wall = time.perf_counter() - t0
-        res = json.loads((Path(tmp) / "results.json").read_text())
+    res, flower_wall = simulate_subprocess({}, args.num_clients, args.rounds, args.run_config)
     rounds = res["rounds"]
     steady = sum(r["round_seconds"] for r in rounds[1:]) / max(len(rounds) - 1, 1)
     bare_per_round = bare["wall_seconds"] / args.rounds  # type: ignore[operator]

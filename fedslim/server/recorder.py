@@ -65,7 +65,8 @@ class RunRecorder:
         comm = row.get("comm")
         if comm:
             parts.append(f"up {comm['uplink_bytes'] / 1e6:.3f} MB")
-            parts.append(f"down {comm['downlink_bytes'] / 1e6:.3f} MB")
+            down = comm["downlink_bytes"] + comm["downlink_eval_bytes"]
+            parts.append(f"down {down / 1e6:.3f} MB")
             if comm.get("uplink_ratio"):
                 parts.append(f"ratio x{comm['uplink_ratio']:.1f}")
         student = row.get("distill", {}).get("student_test_accuracy")

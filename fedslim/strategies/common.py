@@ -10,9 +10,9 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-# Metric keys that are summed (not averaged) across clients; "partition-id" is dropped.
+# Metric keys that are summed (not averaged) across clients; identifiers are dropped.
 SUMMED_SUFFIXES = ("-bytes", "-seconds")
-DROPPED_KEYS = ("partition-id",)
+DROPPED_KEYS = ("partition-id", "global-crc")
 
 
 def seeded_sample(grid: Grid, min_available: int, fraction: float, min_nodes: int,
@@ -34,12 +34,17 @@ def aggregate_metrics(records: Iterable[RecordDict], weight_key: str) -> MetricR
     rows = [next(iter(r.metric_records.values())) for r in records]
     if not rows:
         return MetricRecord({})
-    weights = np.array([float(m.get(weight_key, 0)) for m in rows])
+
+    def num(m: MetricRecord, k: str) -> float:
+        v = m.get(k)  # non-numeric / non-scalar metrics from a client are ignored
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan
+
+    weights = np.nan_to_num(np.array([num(m, weight_key) for m in rows]))
     total = weights.sum()
-    out: dict[str, float | int] = {weight_key: int(total)}
+    out: dict[str, int | float | list[int] | list[float]] = {weight_key: int(total)}
     keys = sorted({k for m in rows for k in m.keys()} - {weight_key, *DROPPED_KEYS})
     for k in keys:
-        vals = np.array([float(m[k]) if k in m else np.nan for m in rows])
+        vals = np.array([num(m, k) for m in rows])
         if k.endswith(SUMMED_SUFFIXES):
             out[k] = float(np.nansum(vals))
         elif total > 0:

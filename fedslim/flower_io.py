@@ -1,0 +1,80 @@
+"""How fedslim's payloads ride in Flower records, and how many bytes a message really is.
+
+Shared by the ClientApp and the server strategies, so both sides pack, unpack and apply
+deltas with the *same* code (which is what keeps their copies of the global model
+bit-identical).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from fedslim.compression import WIRE_STYPE
+from fedslim.errors import DecodeError
+
+ARRAYS_KEY = "arrays"        # plain float32 arrays (stock Flower): full model / weights
+PAYLOAD_KEY = "payload"      # one Array holding a fedslim wire-format payload
+DELTA_KEY = "delta"          # downlink: payload of (new global - previous global)
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+PAYLOAD_ARRAY = "fedslim"
+
+
+def payload_record(payload: bytes) -> ArrayRecord:
+    """Wrap encoded bytes in an ArrayRecord: one uint8 Array whose stype names our format."""
+    arr = Array(dtype="uint8", shape=(len(payload),), stype=WIRE_STYPE, data=payload)
+    return ArrayRecord({PAYLOAD_ARRAY: arr})
+
+
+def payload_from_record(record: ArrayRecord, where: str) -> bytes:
+    """The payload bytes of a record made by :func:`payload_record`, checked."""
+    if list(record.keys()) != [PAYLOAD_ARRAY]:
+        raise DecodeError(f"{where}: expected one array {PAYLOAD_ARRAY!r}, got "
+                          f"{list(record.keys())[:5]}")
+    arr = record[PAYLOAD_ARRAY]
+    if arr.stype != WIRE_STYPE:
+        raise DecodeError(f"{where}: array stype is {arr.stype!r}, expected {WIRE_STYPE!r}")
+    return bytes(arr.data)
+
+
+def state_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A state dict as plain numpy-serialized arrays (exactly what stock Flower sends)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy()))
+                        for k, v in state.items()})
+
+
+def apply_delta(prev: Mapping[str, torch.Tensor],
+                delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``prev + delta`` on CPU in float32 (entries without a delta are kept).
+
+    Client and server both call this on the same inputs, so the result is bit-identical.
+    """
+    return {k: (v.cpu() + delta[k].cpu().to(v.dtype)) if k in delta else v.cpu().clone()
+            for k, v in prev.items()}
+
+
+def state_crc(state: Mapping[str, torch.Tensor]) -> int:
+    """CRC32 over every tensor's bytes in name order: cheap proof of bit-identical weights."""
+    crc = 0
+    for name in sorted(state):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(state[name].detach().cpu().numpy()).tobytes(), crc)
+    return crc
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Serialized size of a RecordDict as Flower ships it: every unique object it holds."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+
+
+def message_bytes(msg: Message) -> int:
+    """Serialized size of a whole message (header + content objects), Flower's own format."""
+    if msg.has_error():
+        return len(msg.deflate())
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
