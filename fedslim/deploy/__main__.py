@@ -1,0 +1,83 @@
+"""``python -m fedslim.deploy``: a SuperLink and N SuperNodes on loopback, one run, cleanup.
+
+    python -m fedslim.deploy --num-clients 4 --rounds 3 -c local-epochs=1 --output-dir out/dep
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+
+from fedslim.config import parse_cli_overrides
+from fedslim.deploy.launcher import (
+    default_app_dir,
+    resolve_run_config,
+    run_local_deployment,
+)
+from fedslim.errors import ConfigError, FedslimError
+
+cli = typer.Typer(add_completion=False)
+
+
+def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # `kill <launcher>` should clean up like Ctrl-C does (the finally blocks run).
+    raise KeyboardInterrupt
+
+
+@cli.command()
+def deploy(
+    num_clients: Annotated[int, typer.Option(help="SuperNodes to start.")] = 3,
+    rounds: Annotated[int | None, typer.Option(help="num-server-rounds")] = None,
+    run_config: Annotated[list[str] | None, typer.Option(
+        "--run-config", "-c", help="key=value run-config override (repeatable)")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="output-dir (results.json etc.)")
+                          ] = None,
+    app_dir: Annotated[Path | None, typer.Option(
+        help="Flower app directory (default: the fedslim checkout, else the cwd)")] = None,
+    workdir: Annotated[Path | None, typer.Option(
+        help="Logs, FLWR_HOME and run-config file (default: <output-dir>/deploy)")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds for the whole deployment.")
+                       ] = 3600.0,
+) -> None:
+    """Run fedslim on a local SuperLink + SuperNodes (real processes, 127.0.0.1)."""
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    try:
+        overrides: dict[str, Any] = parse_cli_overrides(run_config)
+        if rounds is not None:
+            overrides["num-server-rounds"] = rounds
+        if output_dir is not None:
+            overrides["output-dir"] = output_dir
+        _, send = resolve_run_config(overrides)
+        outdir = Path(str(send["output-dir"]))
+        work = (workdir or outdir / "deploy").resolve()
+        results = run_local_deployment(num_clients, overrides, app_dir or default_app_dir(),
+                                       work, timeout)
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    except FedslimError as exc:  # DeployError, or any other fedslim rejection
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.secho("interrupted; all deployment processes were stopped",
+                    fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    final = json.loads(results.read_text()).get("final") or {}
+    typer.echo(f"results: {results}")
+    typer.echo(f"model:   {results.parent / 'model.safetensors'}")
+    typer.echo(f"logs:    {work / 'logs'}")
+    if final.get("test_accuracy") is not None:
+        typer.echo(f"final test accuracy: {final['test_accuracy']:.4f}")
+
+
+def main() -> None:
+    cli(prog_name="python -m fedslim.deploy")
+
+
+if __name__ == "__main__":
+    main()

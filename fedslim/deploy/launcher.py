@@ -1,0 +1,381 @@
+"""A real Flower deployment on one machine: SuperLink + N SuperNodes as processes.
+
+Unlike ``fedslim simulate`` (Flower's simulation engine, one process plus Ray), this starts
+the same processes a multi-machine deployment runs, talking over loopback:
+
+1. ``flower-superlink --insecure`` (deployment mode) on a free ``127.0.0.1`` port. In
+   Flower 1.41 one HTTP port serves the Fleet API (SuperNodes), the Control API (``flwr``)
+   and the Runtime API (the ServerApp process).
+2. ``flower-supernode --insecure --superlink 127.0.0.1:<port> --node-config
+   "partition-id=i num-partitions=N" --port <free>`` for ``i < N`` (``--port`` is the node's
+   own Runtime API for its ClientApp processes, so each node needs a distinct one).
+3. Waits until the SuperLink lists N online nodes (``flwr supernode ls``).
+4. Writes ``$FLWR_HOME/config.toml`` with a connection to the SuperLink and runs
+   ``flwr run <app_dir> <connection> --run-config <file.toml> --stream``.
+5. Waits for the ServerApp to write ``results.json`` with a non-null ``final``.
+
+Whatever happens (errors, timeouts, Ctrl-C), every process started is stopped; see
+:mod:`fedslim.deploy.processes` for how descendants in other sessions are found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from rich.console import Console
+
+from fedslim.config import RunConfig, parse_run_config
+from fedslim.deploy.processes import DeployError, ProcessSet, free_ports, tail
+from fedslim.server.storage import RESULTS_NAME
+
+__all__ = ["CONNECTION", "DeployError", "LocalDeployment", "default_app_dir",
+           "run_local_deployment"]
+
+CONNECTION = "fedslim-local"
+SUPERLINK = "superlink"
+FLWR_RUN = "flwr-run"
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+PathValue = str | int | float | bool
+
+
+def default_app_dir() -> Path:
+    """The Flower app to run: the fedslim source checkout if installed editable, else cwd."""
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and "[tool.flwr.app" in pyproject.read_text(errors="replace"):
+        return root
+    return Path.cwd()
+
+
+def _executable(name: str) -> str:
+    """A Flower console script, preferring the one next to this Python interpreter."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError(f"{name!r} not found next to {sys.executable} or on PATH; "
+                          "install flwr (pip install 'flwr[simulation]>=1.41,<1.42')")
+    return found
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if path else path
+
+
+def resolve_run_config(run_config: Mapping[str, PathValue]
+                       ) -> tuple[RunConfig, dict[str, PathValue]]:
+    """Validate ``run_config`` (fast, before any process starts) and make it sendable.
+
+    Returns the parsed config and the overrides to send: only the given keys, typed as
+    the app's defaults (so ``"0.1"`` from a CLI becomes ``0.1``), with ``output-dir`` (always
+    sent) and ``data-dir`` made absolute: the ServerApp and ClientApps run in other
+    processes with other working directories.
+    """
+    cfg = parse_run_config(overrides=run_config)
+    flat = cfg.to_flat()
+    send: dict[str, PathValue] = {k: flat[k] for k in run_config}
+    send["output-dir"] = _absolute(cfg.fed.output_dir)
+    if cfg.data.data_dir:
+        send["data-dir"] = _absolute(cfg.data.data_dir)
+    return cfg, send
+
+
+def _flwr_json(args: list[str], env: Mapping[str, str], timeout: float = 60
+               ) -> dict[str, Any] | None:
+    """Run a ``flwr ... --format json`` command; its JSON, or None if it failed."""
+    try:
+        proc = subprocess.run([_executable("flwr"), *args, "--format", "json"], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    start = proc.stdout.find("{")
+    if start < 0:
+        return None
+    try:
+        out = json.loads(proc.stdout[start:])
+    except json.JSONDecodeError:
+        return None
+    return out if isinstance(out, dict) else None
+
+
+class LocalDeployment:
+    """SuperLink + ``num_clients`` SuperNodes on loopback, stopped when the ``with`` ends.
+
+    Parameters
+    ----------
+    num_clients
+        Number of SuperNodes; node ``i`` gets ``partition-id=i num-partitions=num_clients``.
+    workdir
+        Holds ``logs/`` (one file per process), ``flwr_home/`` and the run-config file.
+    console
+        Where status goes (stderr by default).
+    """
+
+    def __init__(self, num_clients: int, workdir: Path, console: Console | None = None
+                 ) -> None:
+        if num_clients < 1:
+            raise DeployError(f"num_clients must be >= 1, got {num_clients}")
+        self.num_clients = num_clients
+        self.workdir = Path(workdir).expanduser().resolve()
+        self.log_dir = self.workdir / "logs"
+        self.flwr_home = self.workdir / "flwr_home"
+        self.console = console or Console(stderr=True)
+        self.port = 0
+        self.timings: dict[str, float] = {}  # phase -> seconds, for reports and docs
+        self.env = self._environment()
+        self.procs = ProcessSet(tag=str(self.workdir), log_dir=self.log_dir, cwd=self.workdir,
+                                env=self.env)
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        bindir = str(Path(sys.executable).parent)  # SuperLink/SuperNode exec flower-superexec
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+        env["FLWR_HOME"] = str(self.flwr_home)
+        # Use this environment; do not `uv sync` a new one per run (see README).
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        env["FLWR_DISABLE_UPDATE_CHECK"] = "1"  # no network calls
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    # -- lifecycle -------------------------------------------------------------------
+    def __enter__(self) -> LocalDeployment:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        t0 = time.monotonic()
+        left = self.procs.stop_all()
+        self.timings["stop"] = time.monotonic() - t0
+        if left and exc_type is None:
+            raise DeployError(f"processes {left} were still running after cleanup; "
+                              f"logs in {self.log_dir}")
+
+    def pids(self) -> list[int]:
+        return [p.popen.pid for p in self.procs.procs]
+
+    # -- steps -----------------------------------------------------------------------
+    def start(self, deadline: float) -> None:
+        """Start the SuperLink and the SuperNodes; return once all nodes are online."""
+        t0 = time.monotonic()
+        self.port, *node_ports = free_ports(1 + self.num_clients)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self._write_flwr_config()
+        self.procs.start(SUPERLINK, [
+            _executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+            "--port", str(self.port), "--disable-runtime-dependency-installation"])
+        self._wait_for_health(deadline)
+        self.timings["superlink"] = time.monotonic() - t0
+        threads = str(max(1, (os.cpu_count() or 1) // self.num_clients))
+        for i, node_port in enumerate(node_ports):
+            self.procs.start(f"supernode-{i}", [
+                _executable("flower-supernode"), "--insecure",
+                "--superlink", f"127.0.0.1:{self.port}",
+                "--node-config", f"partition-id={i} num-partitions={self.num_clients}",
+                "--host", "127.0.0.1", "--port", str(node_port)],
+                # Own FLWR_HOME per node (each unpacks the app there); N trainers share
+                # the CPU cores, so keep torch from oversubscribing them.
+                extra_env={"FLWR_HOME": str(self.flwr_home / f"supernode-{i}"),
+                           "OMP_NUM_THREADS": self.env.get("OMP_NUM_THREADS", threads)})
+        self._wait_for_nodes(deadline)
+        self.timings["start"] = time.monotonic() - t0
+
+    def _write_flwr_config(self) -> None:
+        config = {"superlink": {"default": CONNECTION, CONNECTION: {
+            "address": f"127.0.0.1:{self.port}", "insecure": True}}}
+        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+
+    def _wait_for_health(self, deadline: float) -> None:
+        url = f"http://127.0.0.1:{self.port}/health"
+        with self.console.status(f"starting SuperLink on 127.0.0.1:{self.port}"):
+            while True:
+                self.procs.check_alive([SUPERLINK])
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as resp:
+                        if resp.status == 200:
+                            return
+                except (urllib.error.URLError, OSError):
+                    pass
+                self._check_deadline(deadline, "the SuperLink to answer on " + url)
+                time.sleep(0.2)
+
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink lists as online (0 if it cannot be asked)."""
+        out = _flwr_json(["supernode", "ls", CONNECTION], self.env)
+        nodes = out.get("nodes", []) if out else []
+        return sum(1 for n in nodes if n.get("status") == "online")
+
+    def _wait_for_nodes(self, deadline: float) -> None:
+        longrunning = [p.name for p in self.procs.procs]
+        with self.console.status("waiting for SuperNodes") as status:
+            while True:
+                self.procs.check_alive(longrunning)
+                online = self.online_nodes()
+                status.update(f"SuperNodes online: {online}/{self.num_clients}")
+                if online >= self.num_clients:
+                    break
+                self._check_deadline(deadline, f"{self.num_clients} SuperNodes to connect "
+                                     f"({online} online)")
+                time.sleep(0.5)
+        self.console.print(f"[green]SuperLink 127.0.0.1:{self.port}, {self.num_clients} "
+                           "SuperNodes online[/green]", soft_wrap=True)
+
+    def run(self, app_dir: Path, send: Mapping[str, PathValue], results: Path,
+            deadline: float) -> Path:
+        """``flwr run`` the app; return ``results`` once it holds the final results."""
+        config_file = self.workdir / "run-config.toml"
+        config_file.write_text(tomli_w.dumps(dict(send)))
+        stale = _signature(results)  # a results.json from an earlier run never counts
+        t0 = time.monotonic()
+        longrunning = [p.name for p in self.procs.procs]
+        flwr_run = self.procs.start(FLWR_RUN, [
+            _executable("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION,
+            "--run-config", str(config_file), "--stream"])
+        run_id: str | None = None
+        ended_at: float | None = None
+        with self.console.status("submitting the run") as status:
+            while True:
+                res = _read_results(results, stale)
+                if res is not None and res.get("final") is not None:
+                    self.timings["run"] = time.monotonic() - t0
+                    self.console.print(f"[green]run {run_id} finished[/green] in "
+                                       f"{self.timings['run']:.1f}s", soft_wrap=True)
+                    return results
+                self.procs.check_alive(longrunning)
+                run_id = run_id or _run_id(flwr_run.log)
+                status.update(_progress(run_id, res))
+                code = flwr_run.exited()
+                if code not in (None, 0):
+                    raise DeployError(f"`flwr run` exited with code {code}; see its log "
+                                      f"{flwr_run.log}:\n{tail(flwr_run.log)}")
+                if code == 0:  # the stream ends when the run ends: results are due now
+                    ended_at = ended_at or time.monotonic()
+                    state = self.run_status(run_id)
+                    failed = state.startswith("finished") and state != "finished:completed"
+                    if failed or time.monotonic() - ended_at > 30:
+                        raise DeployError(self._no_results_message(run_id, state, results))
+                self._check_deadline(deadline, f"run {run_id} to write final results "
+                                     f"to {results}")
+                time.sleep(0.5)
+
+    def run_status(self, run_id: str | None) -> str:
+        """The run's status as ``flwr ls`` reports it (e.g. ``finished:failed``)."""
+        if run_id is None:
+            return "unknown"
+        out = _flwr_json(["ls", CONNECTION, "--run-id", run_id], self.env)
+        runs = out.get("runs", []) if out else []
+        return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+    def _no_results_message(self, run_id: str | None, state: str, results: Path) -> str:
+        run_log = self.log_dir / (FLWR_RUN + ".log")
+        return (f"run {run_id} ended (status: {state}) without final results in {results}; "
+                f"the ServerApp's output is in {run_log} (and "
+                f"{self.log_dir / (SUPERLINK + '.log')}), ClientApps' in "
+                f"{self.log_dir}/supernode-*.log. End of {run_log}:\n{tail(run_log, 12)}")
+
+    def _check_deadline(self, deadline: float, what: str) -> None:
+        if time.monotonic() > deadline:
+            raise DeployError(f"timed out waiting for {what}; logs in {self.log_dir}")
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _read_results(path: Path, stale: tuple[int, int, int] | None) -> dict[str, Any] | None:
+    """``results.json`` once this run rewrote it (``stale``: its signature before), else None.
+
+    The recorder replaces the file atomically, so every write changes inode and mtime.
+    """
+    sig = _signature(path)
+    if sig is None or sig == stale:
+        return None
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):  # being replaced right now
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def _run_id(log: Path) -> str | None:
+    match = _RUN_ID.search(tail(log, 200))
+    return match.group(1) if match else None
+
+
+def _progress(run_id: str | None, res: dict[str, Any] | None) -> str:
+    if run_id is None:
+        return "submitting the run"
+    rounds = (res or {}).get("rounds") or []
+    if not rounds:
+        return f"run {run_id}: round 1 in progress"
+    last = rounds[-1]
+    acc = ((last.get("central") or {}).get("test") or {}).get("accuracy")
+    total = ((res or {}).get("config") or {}).get("num-server-rounds", "?")
+    acc_s = f", test accuracy {acc:.4f}" if isinstance(acc, float) else ""
+    return f"run {run_id}: round {last.get('round')}/{total} done{acc_s}"
+
+
+def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
+                         app_dir: Path, workdir: Path, timeout: float) -> Path:
+    """Run the app on a SuperLink + ``num_clients`` SuperNodes (real processes, loopback).
+
+    Parameters
+    ----------
+    num_clients
+        SuperNodes to start (node ``i`` trains partition ``i`` of ``num_clients``).
+    run_config
+        Run-config overrides (validated before anything starts); ``output-dir`` is where
+        the results go (relative: against the current directory).
+    app_dir
+        The Flower app (directory with ``pyproject.toml``), e.g. :func:`default_app_dir`.
+    workdir
+        Logs (``logs/<process>.log``), ``flwr_home/`` and the run-config file.
+    timeout
+        Seconds for the whole deployment, start-up included.
+
+    Returns
+    -------
+    Path
+        The ``results.json`` the ServerApp wrote, with non-null ``final``.
+
+    Raises
+    ------
+    fedslim.errors.ConfigError
+        A run-config key or value is invalid (nothing was started).
+    DeployError
+        A process failed or exited, or the timeout passed; the message names the process
+        and its log file. Every started process is stopped before this propagates.
+    """
+    cfg, send = resolve_run_config(run_config)
+    if num_clients < max(cfg.fed.min_available_nodes, cfg.fed.min_train_nodes):
+        raise DeployError(
+            f"num_clients={num_clients} is below min-available-nodes="
+            f"{cfg.fed.min_available_nodes} / min-train-nodes={cfg.fed.min_train_nodes}: "
+            "the ServerApp would wait forever; lower them with -c min-available-nodes=... "
+            "-c min-train-nodes=...")
+    results = Path(str(send["output-dir"])) / RESULTS_NAME
+    deadline = time.monotonic() + timeout
+    dep = LocalDeployment(num_clients, workdir)
+    with dep:
+        dep.console.print(f"logs: {dep.log_dir}", soft_wrap=True)
+        dep.start(deadline)
+        dep.run(app_dir, send, results, deadline)
+    dep.console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in dep.timings.items()),
+                      soft_wrap=True)
+    return results

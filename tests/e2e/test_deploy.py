@@ -1,0 +1,167 @@
+"""End-to-end: a real deployment (SuperLink + SuperNodes as processes, gRPC/HTTP on loopback).
+
+Every test checks that nothing it launched is left running: processes started by the
+launcher (and their descendants in other sessions) carry ``FEDSLIM_DEPLOY_TAG=<workdir>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fedslim.deploy import DeployError, LocalDeployment, run_local_deployment, tagged_processes
+from fedslim.errors import ConfigError
+from tests.e2e.helpers import ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def _kill_leftovers(tag: str) -> list[int]:
+    """Return (and kill, so a failing test still cleans up) processes carrying ``tag``."""
+    left = tagged_processes(tag)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def test_three_supernodes_two_rounds_on_loopback(tmp_path: Path) -> None:
+    workdir = tmp_path / "deploy"
+    outdir = tmp_path / "out"
+    try:
+        results = run_local_deployment(
+            3, {"num-server-rounds": 2, "output-dir": str(outdir), "progress": False,
+                "local-epochs": 1},
+            app_dir=ROOT, workdir=workdir, timeout=400)
+    finally:
+        left = _kill_leftovers(str(workdir.resolve()))
+    assert left == [], f"processes left running: {left}"
+    assert results == outdir / "results.json"
+    res = json.loads(results.read_text())
+    assert [r["round"] for r in res["rounds"]] == [1, 2]
+    for r in res["rounds"]:
+        assert r["replies"] == 3 and r["failures"] == 0
+    assert res["final"]["test_accuracy"] > 0.2  # chance is 0.1
+    logs = {p.name for p in (workdir / "logs").iterdir()}
+    assert logs == {"superlink.log", "flwr-run.log", "supernode-0.log", "supernode-1.log",
+                    "supernode-2.log"}
+
+
+def test_failed_run_names_the_log_and_stops_everything(tmp_path: Path) -> None:
+    """`flwr run` on a directory that is no Flower app: a DeployError pointing to the log."""
+    workdir = tmp_path / "deploy"
+    not_an_app = tmp_path / "empty"
+    not_an_app.mkdir()
+    tag = str(workdir.resolve())
+    try:
+        with pytest.raises(DeployError, match=r"flwr-run\.log"):  # noqa: PT012
+            with LocalDeployment(2, workdir) as dep:
+                dep.start(deadline=_deadline(120))
+                pids = dep.pids()
+                # SuperLink, 2 SuperNodes, plus their SuperExecs (other sessions).
+                assert len(tagged_processes(tag)) >= 3
+                dep.run(not_an_app, {"output-dir": str(tmp_path / "out")},
+                        tmp_path / "out" / "results.json", deadline=_deadline(120))
+    finally:
+        left = _kill_leftovers(tag)
+    assert left == [], f"processes left running: {left}"
+    assert not any(_alive(p) for p in pids)
+
+
+def test_bad_config_fails_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="partitioning"):
+        run_local_deployment(2, {"partitioning": "random"}, ROOT, tmp_path / "w", 60)
+    with pytest.raises(DeployError, match="min-available-nodes"):
+        run_local_deployment(1, {}, ROOT, tmp_path / "w", 60)
+    assert not (tmp_path / "w").exists()
+
+
+def test_results_from_an_earlier_run_never_count(tmp_path: Path) -> None:
+    from fedslim.deploy.launcher import _read_results, _signature
+    from fedslim.server.storage import atomic_write_json
+
+    path = tmp_path / "results.json"
+    assert _read_results(path, None) is None
+    atomic_write_json(path, {"final": {"test_accuracy": 0.5}})
+    stale = _signature(path)
+    assert _read_results(path, stale) is None  # the old file, even with a final
+    atomic_write_json(path, {"final": None})
+    assert _read_results(path, stale) == {"final": None}
+
+
+COMPOSE_DIR = ROOT / "docker"
+
+
+def _engine_up(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _compose_command() -> list[str] | None:
+    """podman-compose or `docker compose`, if one is installed *and* has a working engine."""
+    if shutil.which("podman-compose") and _engine_up(["podman", "info"]):
+        return ["podman-compose"]
+    if shutil.which("docker") and _engine_up(["docker", "info"]) and _engine_up(
+            ["docker", "compose", "version"]):
+        return ["docker", "compose"]
+    return None
+
+
+@pytest.mark.slow
+def test_compose_deployment(tmp_path: Path) -> None:
+    """docker/compose.yaml: build, 3 SuperNodes, a 2-round run. Opt-in: it builds a ~2 GB
+    image. Set FEDSLIM_TEST_COMPOSE=1 (and BASE_IMAGE if python:3.11-slim cannot be
+    pulled; docker/wheels/ for an offline build); see docs/deployment.md."""
+    if os.environ.get("FEDSLIM_TEST_COMPOSE") != "1":
+        pytest.skip("set FEDSLIM_TEST_COMPOSE=1 to build the image and run compose")
+    compose = _compose_command()
+    if compose is None:
+        pytest.skip("no podman-compose/podman or docker compose with a running engine")
+    out = tmp_path / "outputs"
+    out.mkdir()
+    env = dict(os.environ, FEDSLIM_OUTPUTS=str(out))
+    project = f"fedslim-test-{os.getpid()}"
+    base = [*compose, "-p", project, "-f", "compose.yaml"]
+
+    def run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args], cwd=COMPOSE_DIR, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    try:
+        for step in (("build", "superlink"),
+                     ("up", "-d", "superlink", "supernode-0", "supernode-1", "supernode-2"),
+                     ("run", "--rm", "-T", "--no-deps", "run")):
+            proc = run(*step)
+            assert proc.returncode == 0, f"{step}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    finally:
+        run("down", timeout=300)
+        if compose == ["podman-compose"]:  # podman-compose 1.0 leaves the network behind
+            subprocess.run(["podman", "network", "rm", "-f", f"{project}_default"],
+                           capture_output=True, timeout=60)
+    res = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in res["rounds"]] == [1, 2]
+    assert all(r["replies"] == 3 for r in res["rounds"])
+    assert res["final"]["test_accuracy"] > 0.2
+
+
+def _deadline(seconds: float) -> float:
+    return time.monotonic() + seconds
