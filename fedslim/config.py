@@ -246,8 +246,8 @@ class DistillConfig:
     batch_size: int = field(default=64, metadata=_key(
         "distill-batch-size", "Proxy mini-batch size.", low=1))
     patience: int = field(default=5, metadata=_key(
-        "distill-patience", "Early stopping: evaluations on the val split without "
-        "improvement (one evaluation every `distill-eval-every` steps).", low=1))
+        "distill-patience", "Early stopping: evaluations on the val split without a "
+        "lower val cross-entropy (one evaluation every `distill-eval-every` steps).", low=1))
     eval_every: int = field(default=20, metadata=_key(
         "distill-eval-every", "Steps between validation checks.", low=1))
     augment: Augment = field(default=Augment.NOISE_SHIFT, metadata=_key(

@@ -101,7 +101,7 @@ class DistillingFedAvg(CompressedFedAvg):
             "teacher_test_accuracy": teacher_acc,
             "global_test_accuracy": evaluate(global_model, test, self.device).accuracy,
             "student_test_accuracy": student_eval.accuracy,
-            "student_val_accuracy": stats.val_accuracy,
+            "student_val_accuracy": stats.val_accuracy, "student_val_loss": stats.val_loss,
             "student_params": count_params(self.student),
             "global_params": count_params(global_model),
             "student_bytes": serialized_size(self.student.state_dict()),
