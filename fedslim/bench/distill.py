@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                     "student_bytes": st.get("file_bytes"),
                     "student_int8_bytes": st.get("int8_file_bytes"),
                     "uplink_ratio": (res["final"]["comm"] or {}).get("uplink_ratio"),
+                    "uplink_mb": (res["final"]["comm"] or {}).get("uplink_bytes", 0) / 1e6,
                     "distill_seconds": sum(r.get("distill", {}).get("distill_seconds", 0.0)
                                            for r in res["rounds"]),
                 })
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "runs.json").write_text(json.dumps(rows, indent=2))
     table = Table(title=f"{args.num_clients} clients, {args.rounds} rounds, seeds {args.seeds}")
     for col in ("setting", "seed", "global acc", "student acc", "student int8 acc",
-                "student params", "uplink x", "distill s"):
+                "student params", "uplink MB", "uplink x", "distill s"):
         table.add_column(col)
 
     def f(v: Any, fmt: str) -> str:
@@ -87,9 +88,24 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(r["setting"], str(r["seed"]), f(r["global_test_accuracy"], ".4f"),
                       f(r["student_test_accuracy"], ".4f"),
                       f(r["student_int8_test_accuracy"], ".4f"),
-                      f(r["student_params"], "d"), f(r["uplink_ratio"], ".1f"),
+                      f(r["student_params"], "d"), f(r["uplink_mb"], ".3f"),
+                      f(r["uplink_ratio"], ".1f"),
                       f(r["distill_seconds"], ".1f"))
-    Console(width=130).print(table)
+    console = Console(width=140)
+    console.print(table)
+    means = Table(title="means over seeds")
+    for col in ("setting", "global acc", "student acc", "student int8 acc", "uplink MB"):
+        means.add_column(col)
+
+    def mean(name: str, key: str) -> float | None:
+        vals = [r[key] for r in rows if r["setting"] == name and r[key] is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    for name in runs:
+        means.add_row(name, *(f(mean(name, k), ".4f") for k in (
+            "global_test_accuracy", "student_test_accuracy", "student_int8_test_accuracy")),
+            f(mean(name, "uplink_mb"), ".3f"))
+    console.print(means)
     print(f"wrote {args.out}/runs.json")
 
 

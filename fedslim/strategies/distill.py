@@ -86,8 +86,12 @@ class DistillingFedAvg(CompressedFedAvg):
         if self.dcfg.teacher in (Teacher.GLOBAL, Teacher.BOTH):
             teachers.append(ensemble_teacher([global_model]))
         teacher = combine_teachers(*teachers) if len(teachers) > 1 else teachers[0]
+        # A never-distilled student (no earlier round was due, also after a resume) is a
+        # random init: it must not win the val selection against its own training.
+        distilled_before = any(r % self.dcfg.every == 0 for r in range(1, rnd))
         stats = distill_student(self.student, teacher, self.splits.proxy_x, self.splits.val,
-                                self.dcfg, device=self.device, seed_parts=(self.seed, rnd))
+                                self.dcfg, device=self.device, seed_parts=(self.seed, rnd),
+                                keep_start=distilled_before)
         seconds = time.perf_counter() - t0
         test = self.splits.test
         x, y = test.tensors(self.device)

@@ -164,7 +164,7 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def distill_student(student: nn.Module, teacher: TeacherFn, proxy_x: torch.Tensor | np.ndarray,
                     val: ArrayData, cfg: DistillConfig, *, device: torch.device,
-                    seed_parts: tuple[int, ...]) -> DistillStats:
+                    seed_parts: tuple[int, ...], keep_start: bool = True) -> DistillStats:
     """Train ``student`` in place to match ``teacher`` on the unlabelled proxy inputs.
 
     Loss: ``KL(softmax(t/T) || softmax(s/T)) * T**2`` (Hinton et al.; the ``T**2`` keeps
@@ -178,7 +178,11 @@ def distill_student(student: nn.Module, teacher: TeacherFn, proxy_x: torch.Tenso
     first (step 0), then every ``cfg.eval_every`` steps and at the last step. The state
     with the lowest val **cross-entropy** is kept; training stops after ``cfg.patience``
     evaluations without a lower one, and the best state is restored, so distillation never
-    leaves the student worse on val than it started. (Loss, not accuracy: on a val split of
+    leaves the student worse on val than it started. ``keep_start=False`` (for a student
+    that has never been distilled) leaves the starting state out of the running: a random
+    init's near-uniform outputs have a val loss of about ln(classes) that a student
+    distilled from a weak early teacher may not beat within the patience window, and
+    restoring the init would waste the round. (Loss, not accuracy: on a val split of
     a few hundred rows accuracy moves in steps of one example, so a student that is still
     improving often ties or dips by one example and was stopped and rolled back; the
     loss is continuous. Measured in ``docs/results/distill``.) With an empty ``val``
@@ -212,8 +216,8 @@ def distill_student(student: nn.Module, teacher: TeacherFn, proxy_x: torch.Tenso
     kl_before = _kl_on_set(student, t_all, x_all, temp, device, _CHUNK)
 
     has_val = len(val) > 0
-    best = evaluate(student, val, device) if has_val else None
-    best_state = _snapshot(student) if has_val else {}
+    best = evaluate(student, val, device) if has_val and keep_start else None
+    best_state = _snapshot(student) if best is not None else {}
     best_step, since_best, stopped_early = 0, 0, False
 
     gen = make_generator(*seed_parts)
@@ -239,8 +243,7 @@ def distill_student(student: nn.Module, teacher: TeacherFn, proxy_x: torch.Tenso
         if has_val and (step % cfg.eval_every == 0 or step == cfg.steps):
             now = evaluate(student, val, device)  # leaves the student in eval mode
             student.train()
-            assert best is not None
-            if now.loss < best.loss:
+            if best is None or now.loss < best.loss:
                 best, best_step, best_state, since_best = now, step, _snapshot(student), 0
             else:
                 since_best += 1

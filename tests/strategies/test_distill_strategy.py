@@ -55,3 +55,24 @@ def test_distill_round_reports_and_lowers_kl():
     fresh.load_state_dict(state)
     for k, v in fresh.student.state_dict().items():
         assert torch.equal(v, strat.student.state_dict()[k])
+
+
+def test_only_a_never_distilled_student_leaves_its_init_out_of_selection(monkeypatch):
+    import fedslim.strategies.distill as mod
+
+    seen = []
+    real = mod.distill_student
+
+    def spy(*args, keep_start, **kw):
+        seen.append(keep_start)
+        return real(*args, keep_start=keep_start, **kw)
+
+    monkeypatch.setattr(mod, "distill_student", spy)
+    strat, _ = _strategy(**{"distill-every": 2})
+    base = build_model("digits_cnn").state_dict()
+    strat.global_state = strat.last_base = base
+    strat.last_accepted = [DecodedReply(update={k: torch.zeros_like(v) for k, v in base.items()},
+                                        weight=1.0, metrics=None)]
+    for rnd in (2, 3):  # the rounds that are due with every=2 and num_rounds=3
+        strat._distill(rnd=rnd)
+    assert seen == [False, True]

@@ -98,6 +98,21 @@ def test_early_stopping_restores_the_best_val_state(splits, trained_cnn):
         assert torch.equal(v, start[k]), k
 
 
+def test_a_fresh_student_never_falls_back_to_its_init(splits, trained_cnn):
+    # Anti-teacher again: with keep_start=False the init is not a candidate, so the kept
+    # state is one the distillation produced (the first evaluation, as loss only rises).
+    ensemble = ensemble_teacher([trained_cnn])
+    anti = lambda x: -ensemble(x)  # noqa: E731
+    cfg = _dcfg(steps=500, lr=1e-2, eval_every=5, patience=2, augment="none")
+    student = _fresh_student()
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    stats = distill_student(student, anti, splits.proxy_x, splits.val, cfg, device=CPU,
+                            seed_parts=(3,), keep_start=False)
+    assert stats.best_step >= 5 and stats.stopped_early
+    assert stats.val_loss == evaluate(student, splits.val, CPU).loss
+    assert not all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
+
+
 def test_restored_state_is_the_best_one_seen(splits, trained_cnn, monkeypatch):
     import fedslim.task.distill as distill_mod
 
