@@ -86,9 +86,10 @@ class DistillingFedAvg(CompressedFedAvg):
         if self.dcfg.teacher in (Teacher.GLOBAL, Teacher.BOTH):
             teachers.append(ensemble_teacher([global_model]))
         teacher = combine_teachers(*teachers) if len(teachers) > 1 else teachers[0]
-        # A never-distilled student (no earlier round was due, also after a resume) is a
-        # random init: it must not win the val selection against its own training.
-        distilled_before = any(r % self.dcfg.every == 0 for r in range(1, rnd))
+        # A never-distilled student is a random init: it must not win the val selection
+        # against its own training. Some earlier round r < rnd was due (r % every == 0)
+        # iff every < rnd; derived from the round, so it also holds after a resume.
+        distilled_before = rnd > self.dcfg.every
         stats = distill_student(self.student, teacher, self.splits.proxy_x, self.splits.val,
                                 self.dcfg, device=self.device, seed_parts=(self.seed, rnd),
                                 keep_start=distilled_before)
@@ -105,7 +106,8 @@ class DistillingFedAvg(CompressedFedAvg):
             "teacher_test_accuracy": teacher_acc,
             "global_test_accuracy": evaluate(global_model, test, self.device).accuracy,
             "student_test_accuracy": student_eval.accuracy,
-            "student_val_accuracy": stats.val_accuracy, "student_val_loss": stats.val_loss,
+            "student_val_accuracy": stats.val_accuracy,
+            "student_val_loss": stats.val_loss,
             "student_params": count_params(self.student),
             "global_params": count_params(global_model),
             "student_bytes": serialized_size(self.student.state_dict()),

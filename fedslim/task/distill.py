@@ -174,19 +174,19 @@ def distill_student(student: nn.Module, teacher: TeacherFn, proxy_x: torch.Tenso
     the *same* augmented batch, so the pair is consistent. Without augmentation the teacher
     is run once over the whole proxy set and its logits are indexed per batch.
 
-    Model selection uses the labelled ``val`` split: the warm-start state is evaluated
-    first (step 0), then every ``cfg.eval_every`` steps and at the last step. The state
-    with the lowest val **cross-entropy** is kept; training stops after ``cfg.patience``
-    evaluations without a lower one, and the best state is restored, so distillation never
-    leaves the student worse on val than it started. ``keep_start=False`` (for a student
-    that has never been distilled) leaves the starting state out of the running: a random
-    init's near-uniform outputs have a val loss of about ln(classes) that a student
-    distilled from a weak early teacher may not beat within the patience window, and
-    restoring the init would waste the round. (Loss, not accuracy: on a val split of
-    a few hundred rows accuracy moves in steps of one example, so a student that is still
-    improving often ties or dips by one example and was stopped and rolled back; the
-    loss is continuous. Measured in ``docs/results/distill``.) With an empty ``val``
-    nothing is selected and the last state is kept.
+    Model selection uses the labelled ``val`` split: the warm-start state is evaluated first
+    (step 0; skipped with ``keep_start=False``), then every ``cfg.eval_every`` steps and at
+    the last step. The state with the lowest val **cross-entropy** is kept; training stops
+    after ``cfg.patience`` evaluations without a lower one, and the best state is restored,
+    so distillation never leaves the student worse on val than it started.
+    ``keep_start=False`` (for a student that has never been distilled) leaves the starting
+    state out of the running: a random init's near-uniform outputs have a val loss of about
+    ln(classes) that a student distilled from a weak early teacher may not beat within the
+    patience window, and restoring the init would waste the round. (Loss, not accuracy: on a
+    val split of a few hundred rows accuracy moves in steps of one example, so a student
+    that is still improving often ties or dips by one example and was stopped and rolled
+    back; the loss is continuous. Measured in ``docs/results/distill``.) With an empty
+    ``val`` nothing is selected and the last state is kept.
 
     The student is *not* re-initialised: the caller keeps it across rounds. Proxy labels
     do not exist here by construction. Batch order and augmentation draw from
