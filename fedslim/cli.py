@@ -15,6 +15,8 @@ import typer
 
 from fedslim.config import key_table, parse_cli_overrides, parse_run_config
 from fedslim.errors import FedslimError
+from fedslim.protocol import MODEL_FILE, RESULTS_FILE
+from fedslim.report import ResultsError, load_results
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="fedslim: communication-efficient federated training on Flower.")
@@ -44,7 +46,7 @@ def run_simulation_with(overrides: dict[str, Any], num_clients: int,
     run_simulation(
         server_app=make_server_app(overrides), client_app=make_client_app(overrides),
         num_supernodes=num_clients,
-        backend_config=simulation_backend_config(cpus_per_client, gpus_per_client),  # type: ignore[arg-type]
+        backend_config=simulation_backend_config(cpus_per_client, gpus_per_client),
     )
     return Path(cfg.fed.output_dir).expanduser().resolve()
 
@@ -72,16 +74,16 @@ def simulate(
     except FedslimError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    results = outdir / "results.json"
-    if not results.exists():
-        typer.secho(f"error: the run ended without writing {results}", fg=typer.colors.RED,
+    try:
+        res = load_results(outdir)
+    except ResultsError as exc:
+        typer.secho(f"error: the run ended without valid results: {exc}", fg=typer.colors.RED,
                     err=True)
-        raise typer.Exit(1)
-    final = json.loads(results.read_text()).get("final") or {}
-    typer.echo(f"results: {results}")
-    typer.echo(f"model:   {outdir / 'model.safetensors'}")
-    if final:
-        typer.echo(f"final test accuracy: {final.get('test_accuracy'):.4f}")
+        raise typer.Exit(1) from None
+    typer.echo(f"results: {outdir / RESULTS_FILE}")
+    typer.echo(f"model:   {outdir / MODEL_FILE}")
+    if res.final is not None:
+        typer.echo(f"final test accuracy: {res.final.test_accuracy:.4f}")
 
 
 @cli.command("config")

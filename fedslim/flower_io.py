@@ -17,13 +17,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedslim.compression import WIRE_STYPE
 from fedslim.errors import DecodeError
-
-ARRAYS_KEY = "arrays"        # plain float32 arrays (stock Flower): full model / weights
-PAYLOAD_KEY = "payload"      # one Array holding a fedslim wire-format payload
-DELTA_KEY = "delta"          # downlink: payload of (new global - previous global)
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
-PAYLOAD_ARRAY = "fedslim"
+from fedslim.protocol import PAYLOAD_ARRAY
 
 
 def payload_record(payload: bytes) -> ArrayRecord:
@@ -47,6 +41,21 @@ def state_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """A state dict as plain numpy-serialized arrays (exactly what stock Flower sends)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy()))
                         for k, v in state.items()})
+
+
+def to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """An ArrayRecord of numpy arrays as a CPU state dict (floating entries as float32).
+
+    Raises
+    ------
+    DecodeError
+        If an array is not a plain numpy array (another ``stype``) or cannot be read.
+    """
+    try:
+        state = arrays.to_torch_state_dict()
+    except Exception as exc:  # flwr/numpy raise various errors on malformed arrays
+        raise DecodeError(f"arrays cannot be read as numpy arrays: {exc}") from None
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
 def apply_delta(prev: Mapping[str, torch.Tensor],

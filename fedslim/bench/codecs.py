@@ -91,7 +91,7 @@ def digits_cnn_update(seed: int = 0) -> dict[str, torch.Tensor]:
     for start in range(0, len(y), 32):
         batch = order[start:start + 32]
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()  # type: ignore[no-untyped-call]
+        nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
         opt.step()
     return {k: (v.detach() - before[k]).float() for k, v in model.state_dict().items()
             if v.dtype.is_floating_point}

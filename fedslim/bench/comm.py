@@ -45,17 +45,20 @@ SETTINGS: dict[str, dict[str, Any]] = {
 def run_one(name: str, overrides: dict[str, Any], num_clients: int, rounds: int, seed: int,
             extra: list[str]) -> dict[str, Any]:
     res, _ = simulate_subprocess({**overrides, "seed": seed}, num_clients, rounds, extra)
-    tot = res["final"]["comm"]
-    curve = [(r["comm_cumulative"]["uplink_bytes"], r["central"]["test"]["accuracy"])
-             for r in res["rounds"]]
+    final, tot = res.final, res.final.comm if res.final else None
+    if final is None or tot is None:
+        raise RuntimeError(f"setting {name!r} (seed {seed}) ended without final comm figures")
+    curve = [(r.comm_cumulative.uplink_bytes, r.central.test.accuracy) for r in res.rounds
+             if r.comm_cumulative is not None and r.central is not None]
     return {
         "setting": name, "seed": seed, **{f"cfg:{k}": v for k, v in overrides.items()},
-        "final_test_accuracy": res["final"]["test_accuracy"],
-        "final_val_accuracy": res["final"]["val_accuracy"],
-        "uplink_bytes": tot["uplink_bytes"], "downlink_bytes": tot["downlink_bytes"]
-        + tot["downlink_eval_bytes"], "uplink_none_bytes": tot["uplink_none_bytes"],
-        "uplink_ratio": tot["uplink_ratio"], "encode_seconds": tot["encode_seconds"],
-        "decode_seconds": tot["decode_seconds"], "wall_seconds": res["wall_seconds"],
+        "final_test_accuracy": final.test_accuracy,
+        "final_val_accuracy": final.val_accuracy,
+        "uplink_bytes": tot.uplink_bytes,
+        "downlink_bytes": tot.downlink_bytes + tot.downlink_eval_bytes,
+        "uplink_none_bytes": tot.uplink_none_bytes, "total_bytes": tot.total_bytes,
+        "uplink_ratio": tot.uplink_ratio, "encode_seconds": tot.encode_seconds,
+        "decode_seconds": tot.decode_seconds, "wall_seconds": res.wall_seconds,
         "curve": curve,
     }
 

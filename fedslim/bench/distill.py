@@ -58,21 +58,24 @@ def main(argv: list[str] | None = None) -> None:
                 res, wall = simulate_subprocess({**ov, "seed": seed, "student-model":
                                                  args.student}, args.num_clients,
                                                 args.rounds, args.run_config)
-                st = res["final"].get("student") or {}
+                final = res.final
+                if final is None:
+                    raise RuntimeError(f"{name} (seed {seed}) ended without final results")
+                st, comm = final.student, final.comm
                 rows.append({
                     "setting": name, "seed": seed, "wall_seconds": wall,
-                    "global_test_accuracy": res["final"]["test_accuracy"],
-                    "global_params": res["model"]["num_params"],
-                    "student_test_accuracy": st.get("test_accuracy"),
-                    "student_int8_test_accuracy": st.get("int8_test_accuracy"),
-                    "student_params": st.get("params"),
-                    "student_param_fraction": st.get("param_fraction_of_global"),
-                    "student_bytes": st.get("file_bytes"),
-                    "student_int8_bytes": st.get("int8_file_bytes"),
-                    "uplink_ratio": (res["final"]["comm"] or {}).get("uplink_ratio"),
-                    "uplink_mb": (res["final"]["comm"] or {}).get("uplink_bytes", 0) / 1e6,
-                    "distill_seconds": sum(r.get("distill", {}).get("distill_seconds", 0.0)
-                                           for r in res["rounds"]),
+                    "global_test_accuracy": final.test_accuracy,
+                    "global_params": res.model["num_params"],
+                    "student_test_accuracy": st.test_accuracy if st else None,
+                    "student_int8_test_accuracy": st.int8_test_accuracy if st else None,
+                    "student_params": st.params if st else None,
+                    "student_param_fraction": st.param_fraction_of_global if st else None,
+                    "student_bytes": st.file_bytes if st else None,
+                    "student_int8_bytes": st.int8_file_bytes if st else None,
+                    "uplink_ratio": comm.uplink_ratio if comm else None,
+                    "uplink_mb": comm.uplink_bytes / 1e6 if comm else 0.0,
+                    "distill_seconds": sum(r.distill.distill_seconds for r in res.rounds
+                                           if r.distill is not None),
                 })
                 progress.advance(task)
     (args.out / "runs.json").write_text(json.dumps(rows, indent=2))

@@ -34,21 +34,24 @@ def main(argv: list[str] | None = None) -> None:
 
     bare = run_bare_fedavg(cfg, args.num_clients)
     res, flower_wall = simulate_subprocess({}, args.num_clients, args.rounds, args.run_config)
-    rounds = res["rounds"]
-    steady = sum(r["round_seconds"] for r in rounds[1:]) / max(len(rounds) - 1, 1)
-    bare_per_round = bare["wall_seconds"] / args.rounds  # type: ignore[operator]
+    if res.final is None:
+        raise RuntimeError("the Flower run ended without final results")
+    rounds = res.rounds
+    steady = sum(r.round_seconds for r in rounds[1:]) / max(len(rounds) - 1, 1)
+    bare_wall = float(bare["wall_seconds"])  # type: ignore[arg-type]
+    bare_per_round = bare_wall / args.rounds
     out = {
         "num_clients": args.num_clients, "rounds": args.rounds,
         "bare_wall_seconds": bare["wall_seconds"],
         "flower_wall_seconds_incl_startup": flower_wall,
-        "flower_fl_seconds": res["final"]["fl_seconds"],
-        "ratio_wall": flower_wall / bare["wall_seconds"],  # type: ignore[operator]
-        "ratio_fl_loop": res["final"]["fl_seconds"] / bare["wall_seconds"],  # type: ignore[operator]
+        "flower_fl_seconds": res.final.fl_seconds,
+        "ratio_wall": flower_wall / bare_wall,
+        "ratio_fl_loop": res.final.fl_seconds / bare_wall,
         "bare_seconds_per_round": bare_per_round,
         "flower_seconds_per_round_steady": steady,
         "ratio_steady_round": steady / bare_per_round,
         "bare_final_test_accuracy": bare["final_test_accuracy"],
-        "flower_final_test_accuracy": res["final"]["test_accuracy"],
+        "flower_final_test_accuracy": res.final.test_accuracy,
     }
     for k, v in out.items():
         print(f"{k:36s} {v:.4f}" if isinstance(v, float) else f"{k:36s} {v}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -10,9 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedslim.report import RunResults, load_results
+
 
 def simulate_subprocess(overrides: dict[str, Any], num_clients: int, rounds: int,
-                        extra: list[str] | None = None) -> tuple[dict[str, Any], float]:
+                        extra: list[str] | None = None) -> tuple[RunResults, float]:
     """Run a simulation with these run-config overrides; return (results.json, wall s)."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "fedslim.cli", "simulate", "--num-clients",
@@ -27,4 +28,4 @@ def simulate_subprocess(overrides: dict[str, Any], num_clients: int, rounds: int
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"simulate {overrides} failed:\n{proc.stderr[-3000:]}")
-        return json.loads((Path(tmp) / "results.json").read_text()), wall
+        return load_results(Path(tmp)), wall

@@ -1,1 +1,5 @@
-"""Flower ClientApp: decode the global model, train locally, reply with the update."""
+"""Client side: fedslim's ClientApp and ``compression_mod`` for any Flower ClientApp."""
+
+from fedslim.client.mod import compression_mod
+
+__all__ = ["compression_mod"]

@@ -297,6 +297,12 @@ class PipelineSpec:
         return self.topk is not None or not isinstance(self.values, CastConfig)
 
     @property
+    def is_identity(self) -> bool:
+        """True when the pipeline sends plain float32 values (``none``, ``fp32``): the
+        compression layer then leaves the message as stock Flower would send it."""
+        return (not self.compresses and self.values == CastConfig() and self.zstd is None)
+
+    @property
     def is_lossless(self) -> bool:
         """Decoding reproduces the float32 input bit for bit."""
         return self.properties.lossless

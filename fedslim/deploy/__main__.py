@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 from types import FrameType
@@ -20,6 +19,8 @@ from fedslim.deploy.launcher import (
     run_local_deployment,
 )
 from fedslim.errors import ConfigError, FedslimError
+from fedslim.protocol import MODEL_FILE
+from fedslim.report import load_results
 
 cli = typer.Typer(add_completion=False)
 
@@ -67,12 +68,12 @@ def deploy(
         typer.secho("interrupted; all deployment processes were stopped",
                     fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
-    final = json.loads(results.read_text()).get("final") or {}
+    final = load_results(results).final
     typer.echo(f"results: {results}")
-    typer.echo(f"model:   {results.parent / 'model.safetensors'}")
+    typer.echo(f"model:   {results.parent / MODEL_FILE}")
     typer.echo(f"logs:    {work / 'logs'}")
-    if final.get("test_accuracy") is not None:
-        typer.echo(f"final test accuracy: {final['test_accuracy']:.4f}")
+    if final is not None:
+        typer.echo(f"final test accuracy: {final.test_accuracy:.4f}")
 
 
 def main() -> None:

@@ -38,7 +38,8 @@ from rich.console import Console
 
 from fedslim.config import RunConfig, parse_run_config
 from fedslim.deploy.processes import DeployError, ProcessSet, free_ports, tail
-from fedslim.server.storage import RESULTS_NAME
+from fedslim.protocol import RESULTS_FILE
+from fedslim.report import ResultsError, RunResults, load_results
 
 __all__ = ["CONNECTION", "DeployError", "LocalDeployment", "default_app_dir",
            "run_local_deployment"]
@@ -248,7 +249,7 @@ class LocalDeployment:
         with self.console.status("submitting the run") as status:
             while True:
                 res = _read_results(results, stale)
-                if res is not None and res.get("final") is not None:
+                if res is not None and res.final is not None:
                     self.timings["run"] = time.monotonic() - t0
                     self.console.print(f"[green]run {run_id} finished[/green] in "
                                        f"{self.timings['run']:.1f}s", soft_wrap=True)
@@ -298,7 +299,7 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _read_results(path: Path, stale: tuple[int, int, int] | None) -> dict[str, Any] | None:
+def _read_results(path: Path, stale: tuple[int, int, int] | None) -> RunResults | None:
     """``results.json`` once this run rewrote it (``stale``: its signature before), else None.
 
     The recorder replaces the file atomically, so every write changes inode and mtime.
@@ -307,10 +308,9 @@ def _read_results(path: Path, stale: tuple[int, int, int] | None) -> dict[str, A
     if sig is None or sig == stale:
         return None
     try:
-        out = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):  # being replaced right now
+        return load_results(path)
+    except ResultsError:  # being replaced right now
         return None
-    return out if isinstance(out, dict) else None
 
 
 def _run_id(log: Path) -> str | None:
@@ -318,17 +318,15 @@ def _run_id(log: Path) -> str | None:
     return match.group(1) if match else None
 
 
-def _progress(run_id: str | None, res: dict[str, Any] | None) -> str:
+def _progress(run_id: str | None, res: RunResults | None) -> str:
     if run_id is None:
         return "submitting the run"
-    rounds = (res or {}).get("rounds") or []
-    if not rounds:
+    if res is None or not res.rounds:
         return f"run {run_id}: round 1 in progress"
-    last = rounds[-1]
-    acc = ((last.get("central") or {}).get("test") or {}).get("accuracy")
-    total = ((res or {}).get("config") or {}).get("num-server-rounds", "?")
-    acc_s = f", test accuracy {acc:.4f}" if isinstance(acc, float) else ""
-    return f"run {run_id}: round {last.get('round')}/{total} done{acc_s}"
+    last = res.rounds[-1]
+    total = res.config.get("num-server-rounds", "?")
+    acc_s = f", test accuracy {last.central.test.accuracy:.4f}" if last.central else ""
+    return f"run {run_id}: round {last.round}/{total} done{acc_s}"
 
 
 def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
@@ -369,7 +367,7 @@ def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
             f"{cfg.fed.min_available_nodes} / min-train-nodes={cfg.fed.min_train_nodes}: "
             "the ServerApp would wait forever; lower them with -c min-available-nodes=... "
             "-c min-train-nodes=...")
-    results = Path(str(send["output-dir"])) / RESULTS_NAME
+    results = Path(str(send["output-dir"])) / RESULTS_FILE
     deadline = time.monotonic() + timeout
     dep = LocalDeployment(num_clients, workdir)
     with dep:

@@ -1,4 +1,12 @@
-"""The fedslim ServerApp: strategy from config, ``Strategy.start``, records, checkpoints.
+"""The fedslim ServerApp: the strategy stack from config, ``Strategy.start``, records.
+
+The stack is assembled from the same public parts a user would use in their own app::
+
+    Offset(Compressed(Distilled(<strategy>, Distiller(...)), uplink=..., downlink=...))
+
+(``Distilled`` only with ``distill=true``; ``Offset`` only when resuming). The parts
+report into one :class:`~fedslim.report.RoundCollector`; the central evaluation closes
+each round, which is then printed, written to ``results.json`` and checkpointed.
 
 ``app`` is what ``pyproject.toml`` points Flower at; ``make_server_app(overrides)`` builds
 the same app with run-config overrides baked in (used by ``fedslim simulate``).
@@ -6,8 +14,10 @@ the same app with run-config overrides baked in (used by ``fedslim simulate``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +25,27 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedslim.config import RunConfig, StrategyName, parse_run_config
+from fedslim.config import RunConfig, parse_run_config
 from fedslim.errors import CheckpointError
-from fedslim.server.recorder import RunRecorder
-from fedslim.server.storage import (
-    MODEL_NAME,
-    Checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    save_model,
+from fedslim.protocol import MODEL_FILE
+from fedslim.report import (
+    Central,
+    CommTotals,
+    EvalMetrics,
+    FinalReport,
+    RoundCollector,
+    RoundReport,
+    RunResults,
+    from_dict,
 )
-from fedslim.strategies.compressed import CompressedFedAvg
-from fedslim.strategies.distill import DistillingFedAvg
-from fedslim.strategies.fedavg import FedslimFedAvg
+from fedslim.server.recorder import RunRecorder
+from fedslim.server.storage import Checkpoint, load_checkpoint, save_checkpoint, save_model
+from fedslim.strategies.compressed import Compressed
+from fedslim.strategies.distill import Distilled, Distiller
+from fedslim.strategies.registry import build_strategy
+from fedslim.strategies.wrapper import Offset, StrategyWrapper
 from fedslim.task.data import Splits, load_splits
 from fedslim.task.models import build_model, count_params
-from fedslim.task.ptq import dequantize_state_int8, quantize_state_int8
 from fedslim.task.train import evaluate, select_device
 
 # Keys that may differ between an interrupted run and its resumption.
@@ -43,10 +58,6 @@ def initial_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
     return build_model(cfg.train.model, splits.input_shape[0], splits.num_classes)
 
 
-def _metrics(rec: MetricRecord | None) -> dict[str, float]:
-    return {k: float(v) for k, v in rec.items()} if rec else {}  # type: ignore[arg-type]
-
-
 def _check_resumable(ckpt: Checkpoint, cfg: RunConfig, path: Path) -> None:
     now = cfg.to_flat()
     diff = {k: (ckpt.config.get(k), now[k]) for k in now
@@ -56,72 +67,48 @@ def _check_resumable(ckpt: Checkpoint, cfg: RunConfig, path: Path) -> None:
                               f"checkpoint's (key: (checkpoint, now)): {diff}")
 
 
-def build_strategy(cfg: RunConfig, round_offset: int, splits: Splits | None = None,
-                   device: torch.device | None = None) -> FedslimFedAvg:
-    common = dict(
-        fraction_train=cfg.fed.fraction_train,
-        fraction_evaluate=cfg.fed.fraction_evaluate,
-        min_train_nodes=cfg.fed.min_train_nodes,
-        min_evaluate_nodes=min(cfg.fed.min_train_nodes, cfg.fed.min_available_nodes),
-        min_available_nodes=cfg.fed.min_available_nodes,
-        seed=cfg.fed.seed,
-        round_offset=round_offset,
-    )
-    if cfg.fed.strategy is StrategyName.FLOWER_FEDAVG:
-        return FedslimFedAvg(**common)  # type: ignore[arg-type]
+@dataclass
+class Stack:
+    """The strategy to run, and the parts the ServerApp talks to directly."""
+
+    strategy: StrategyWrapper
+    collector: RoundCollector
+    distiller: Distiller | None
+
+
+def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
+                round_offset: int = 0) -> Stack:
+    """Assemble fedslim's strategy stack from the run config."""
+    collector = RoundCollector()
+    inner = build_strategy(cfg)
+    distiller = None
     if cfg.distill.distill:
-        assert splits is not None and device is not None
-        return DistillingFedAvg(comp=cfg.comp, distill=cfg.distill, splits=splits,
-                                global_model=cfg.train.model, device=device,
-                                num_rounds=cfg.fed.num_server_rounds,
-                                **common)  # type: ignore[arg-type]
-    return CompressedFedAvg(comp=cfg.comp, **common)  # type: ignore[arg-type]
+        distiller = Distiller(cfg.distill, splits, cfg.train.model, device, cfg.fed.seed)
+        inner = Distilled(inner, distiller, num_rounds=cfg.fed.num_server_rounds,
+                          collector=collector)
+    strategy: StrategyWrapper = Compressed(
+        inner, uplink=cfg.comp.uplink, downlink=cfg.comp.downlink,
+        error_feedback=cfg.comp.error_feedback, warmup_rounds=cfg.comp.warmup_rounds,
+        seed=cfg.fed.seed, collector=collector)
+    if round_offset:
+        strategy = Offset(strategy, round_offset)
+    return Stack(strategy=strategy, collector=collector, distiller=distiller)
 
 
-STUDENT_NAME = "student.safetensors"
-STUDENT_INT8_NAME = "student_int8.safetensors"
+def _eval_metrics(model: torch.nn.Module, splits: Splits, device: torch.device) -> Central:
+    test = evaluate(model, splits.test, device)
+    val = evaluate(model, splits.val, device)
+    return Central(test=EvalMetrics(test.accuracy, test.loss),
+                   val=EvalMetrics(val.accuracy, val.loss))
 
 
-def export_student(outdir: Path, strategy: DistillingFedAvg, cfg: RunConfig, splits: Splits,
-                   device: torch.device, global_params: int) -> dict[str, Any]:
-    """Save the student (float32) and a post-training int8 copy; measure both."""
-    student = strategy.student
-    state = {k: v.detach().cpu() for k, v in student.state_dict().items()}
-    meta = {"model": cfg.distill.student_model, "fedslim": "distilled-student"}
-    fp32_bytes = save_model(outdir / STUDENT_NAME, state, meta)
-    fp32 = evaluate(student, splits.test, device)
-    q = quantize_state_int8(state)
-    int8_bytes = save_model(outdir / STUDENT_INT8_NAME, q, {**meta, "quantized": "int8"})
-    qmodel = build_model(cfg.distill.student_model, splits.input_shape[0], splits.num_classes)
-    qmodel.load_state_dict(dequantize_state_int8(q))
-    int8 = evaluate(qmodel, splits.test, device)
-    params = count_params(student)
-    return {"model": cfg.distill.student_model, "params": params,
-            "param_fraction_of_global": params / global_params,
-            "file": STUDENT_NAME, "file_bytes": fp32_bytes, "test_accuracy": fp32.accuracy,
-            "val_accuracy": evaluate(student, splits.val, device).accuracy,
-            "int8_file": STUDENT_INT8_NAME, "int8_file_bytes": int8_bytes,
-            "int8_test_accuracy": int8.accuracy}
+def _history(ckpt: Checkpoint, start_round: int) -> list[RoundReport]:
+    return [from_dict(RoundReport, h, "checkpoint history") for h in ckpt.history
+            if h["round"] <= start_round]
 
 
-def comm_totals(history: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Cumulative bytes over all recorded rounds (both directions) and the uplink ratio."""
-    rows = [h["comm"] for h in history if h.get("comm")]
-    if not rows:
-        return None
-    keys = ("uplink_bytes", "uplink_eval_bytes", "downlink_bytes", "downlink_eval_bytes",
-            "uplink_none_bytes", "encode_seconds", "decode_seconds")
-    tot: dict[str, Any] = {k: sum(r[k] for r in rows) for k in keys}
-    tot["uplink_ratio"] = (tot["uplink_none_bytes"] / tot["uplink_bytes"]
-                           if tot["uplink_bytes"] else None)
-    tot["total_bytes"] = (tot["uplink_bytes"] + tot["uplink_eval_bytes"]
-                          + tot["downlink_bytes"] + tot["downlink_eval_bytes"])
-    tot["rejected_replies"] = sum(len(r["rejected"]) for r in rows)
-    return tot
-
-
-def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
-    """Run the whole federation; returns the final ``results.json`` content."""
+def run_server(grid: Grid, cfg: RunConfig) -> RunResults:
+    """Run the whole federation; returns the final results (also in ``results.json``)."""
     outdir = Path(cfg.fed.output_dir).expanduser().resolve()
     outdir.mkdir(parents=True, exist_ok=True)
     if isinstance(getattr(grid, "pull_interval", None), float):
@@ -139,83 +126,70 @@ def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
         if ckpt is not None:
             _check_resumable(ckpt, cfg, outdir)
             model.load_state_dict(ckpt.model)
-            start_round, history, strategy_state = ckpt.round, ckpt.history, ckpt.strategy_state
+            start_round, strategy_state = ckpt.round, ckpt.strategy_state
+            history = _history(ckpt, start_round)
     remaining = cfg.fed.num_server_rounds - start_round
 
-    strategy = build_strategy(cfg, round_offset=start_round, splits=splits, device=device)
-    strategy.load_state_dict(strategy_state)
+    stack = build_stack(cfg, splits, device, round_offset=start_round)
+    stack.strategy.load_state_dict(strategy_state)
+    stack.collector.history = list(history)
     recorder = RunRecorder(
-        outdir=outdir, config=flat, total_rounds=cfg.fed.num_server_rounds,
-        history=[h for h in history if h["round"] <= start_round], progress=cfg.fed.progress,
+        outdir=outdir, config=flat, total_rounds=cfg.fed.num_server_rounds, history=history,
+        progress=cfg.fed.progress,
         resumed_from_round=start_round if cfg.fed.resume and start_round else None,
-        info={"model": {"name": cfg.train.model, "num_params": count_params(model)},
-              "data": {"clients_pool": len(splits.clients), "val": len(splits.val),
-                       "test": len(splits.test), "proxy": len(splits.proxy_x)}},
-    )
+        model={"name": cfg.train.model, "num_params": count_params(model)},
+        data={"clients_pool": len(splits.clients), "val": len(splits.val),
+              "test": len(splits.test), "proxy": len(splits.proxy_x)})
     if cfg.fed.progress:
         recorder.console.print(
             f"[bold]fedslim[/bold]: {cfg.train.model} on {cfg.data.dataset.value}, "
-            f"{cfg.data.partitioning.value} partitions, rounds {start_round + 1}.."
-            f"{cfg.fed.num_server_rounds}, output {outdir}")
+            f"{cfg.data.partitioning.value} partitions, strategy {cfg.fed.strategy}, "
+            f"rounds {start_round + 1}..{cfg.fed.num_server_rounds}, output {outdir}")
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        rnd = server_round + start_round
         model.load_state_dict(arrays.to_torch_state_dict())
-        test = evaluate(model, splits.test, device)
-        val = evaluate(model, splits.val, device)
-        metrics = {"test-accuracy": test.accuracy, "test-loss": test.loss,
-                   "val-accuracy": val.accuracy, "val-loss": val.loss}
+        central = _eval_metrics(model, splits, device)
+        metrics = MetricRecord({"test-accuracy": central.test.accuracy,
+                                "test-loss": central.test.loss,
+                                "val-accuracy": central.val.accuracy,
+                                "val-loss": central.val.loss})
         if server_round == 0:
             recorder.start_round_clock()
-            return MetricRecord(metrics)
-        row = {
-            "central": {"test": {"accuracy": test.accuracy, "loss": test.loss},
-                        "val": {"accuracy": val.accuracy, "loss": val.loss}},
-            "train": _metrics(strategy.last_train_metrics),
-            "federated_evaluate": _metrics(strategy.last_evaluate_metrics),
-            "replies": strategy.last_num_replies,
-            "failures": strategy.last_num_failures,
-        }
-        distilled = getattr(strategy, "last_distill", None)
-        if distilled is not None:
-            row["distill"] = distilled
-        comm = getattr(strategy, "last_comm", None)
-        if comm is not None:
-            row["comm"] = comm
-            tot = comm_totals([*recorder.history, row])
-            row["comm_cumulative"] = {k: tot[k] for k in ("uplink_bytes", "downlink_bytes",
-                                                          "total_bytes", "uplink_ratio")}
-        recorder.record_round(rnd, row)
+            return metrics
+        report = stack.collector.close(central, recorder.round_seconds())
+        if report is None:  # nothing was reported for this round (cannot happen normally)
+            report = RoundReport(round=server_round + start_round, central=central)
+        recorder.record_round(report)
         save_checkpoint(outdir, Checkpoint(
-            round=rnd, model={k: v.clone() for k, v in model.state_dict().items()},
-            strategy_state=strategy.state_dict(), history=recorder.history, config=flat))
+            round=report.round, model={k: v.clone() for k, v in model.state_dict().items()},
+            strategy_state=stack.strategy.state_dict(),
+            history=[dataclasses.asdict(h) for h in recorder.history], config=flat))
         recorder.write()
-        return MetricRecord(metrics)
+        return metrics
 
     t0 = time.perf_counter()
     if remaining > 0:
-        result = strategy.start(
+        result = stack.strategy.start(
             grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
             timeout=cfg.fed.round_timeout, train_config=ConfigRecord({}),
             evaluate_config=ConfigRecord({}), evaluate_fn=central_evaluate)
-        model.load_state_dict(result.arrays.to_torch_state_dict())
+        if len(result.arrays) > 0:
+            model.load_state_dict(result.arrays.to_torch_state_dict())
     final_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model_bytes = save_model(outdir / MODEL_NAME, final_state,
+    model_bytes = save_model(outdir / MODEL_FILE, final_state,
                              {"model": cfg.train.model, "fedslim": "global-model"})
-    test = evaluate(model, splits.test, device)
-    val = evaluate(model, splits.val, device)
-    final = {"test_accuracy": test.accuracy, "test_loss": test.loss,
-             "val_accuracy": val.accuracy, "val_loss": val.loss,
-             "rounds_completed": cfg.fed.num_server_rounds,
-             "fl_seconds": time.perf_counter() - t0,
-             "model_file": MODEL_NAME, "model_file_bytes": model_bytes,
-             "comm": comm_totals(recorder.history)}
-    if isinstance(strategy, DistillingFedAvg):
-        final["student"] = export_student(outdir, strategy, cfg, splits, device,
-                                          count_params(model))
+    central = _eval_metrics(model, splits, device)
+    final = FinalReport(
+        test_accuracy=central.test.accuracy, test_loss=central.test.loss,
+        val_accuracy=central.val.accuracy, val_loss=central.val.loss,
+        rounds_completed=cfg.fed.num_server_rounds, fl_seconds=time.perf_counter() - t0,
+        model_file=MODEL_FILE, model_file_bytes=model_bytes,
+        comm=CommTotals.of(recorder.history))
+    if stack.distiller is not None:
+        final.student = stack.distiller.export(outdir, count_params(model))
     path = recorder.write(final)
     if cfg.fed.progress:
-        recorder.console.print(f"[bold]done[/bold]: test accuracy {test.accuracy:.4f}; "
+        recorder.console.print(f"[bold]done[/bold]: test accuracy {central.test.accuracy:.4f}; "
                                f"results in {path}")
     return recorder.results(final)
 

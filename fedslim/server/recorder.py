@@ -1,12 +1,12 @@
 """Per-round records, the rich progress line, and ``results.json``.
 
-``results.json`` is rewritten atomically after every round, so a crashed run still leaves a
-valid file describing the rounds that completed.
+``results.json`` is rewritten atomically after every round from a typed
+:class:`~fedslim.report.RunResults`, so a crashed run still leaves a valid file describing
+the rounds that completed; :func:`fedslim.report.load_results` reads it back.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,18 +15,9 @@ from typing import Any
 from rich.console import Console
 
 from fedslim import __version__
-from fedslim.server.storage import RESULTS_NAME, atomic_write_json
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no NaN/Inf: map them to None, recursively."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
+from fedslim.protocol import RESULTS_FILE
+from fedslim.report import FinalReport, RoundReport, RunResults
+from fedslim.server.storage import atomic_write_bytes
 
 
 @dataclass
@@ -34,8 +25,9 @@ class RunRecorder:
     outdir: Path
     config: dict[str, Any]
     total_rounds: int
-    info: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    history: list[RoundReport] = field(default_factory=list)
     progress: bool = True
     resumed_from_round: int | None = None
     console: Console = field(default_factory=lambda: Console(highlight=False, soft_wrap=True))
@@ -47,47 +39,44 @@ class RunRecorder:
     def start_round_clock(self) -> None:
         self._t_round = time.perf_counter()
 
-    def record_round(self, rnd: int, row: dict[str, Any]) -> dict[str, Any]:
-        """Add one round's record (round seconds measured since the last call)."""
+    def round_seconds(self) -> float:
+        """Seconds since the last call (or the clock's start): one round's wall time."""
         now = time.perf_counter()
-        row = {"round": rnd, "round_seconds": now - self._t_round, **row}
-        self._t_round = now
-        self.history = [h for h in self.history if h["round"] != rnd] + [row]
-        if self.progress:
-            self.console.print(self.progress_line(row))
-        return row
+        seconds, self._t_round = now - self._t_round, now
+        return seconds
 
-    def progress_line(self, row: dict[str, Any]) -> str:
-        test = row.get("central", {}).get("test", {})
-        parts = [f"[bold]round {row['round']:>3}/{self.total_rounds}[/bold]",
-                 f"acc [green]{test.get('accuracy', float('nan')):.4f}[/green]",
-                 f"loss {test.get('loss', float('nan')):.4f}"]
-        comm = row.get("comm")
-        if comm:
-            parts.append(f"up {comm['uplink_bytes'] / 1e6:.3f} MB")
-            down = comm["downlink_bytes"] + comm["downlink_eval_bytes"]
-            parts.append(f"down {down / 1e6:.3f} MB")
-            if comm.get("uplink_ratio"):
-                parts.append(f"ratio x{comm['uplink_ratio']:.1f}")
-        student = row.get("distill", {}).get("student_test_accuracy")
-        if student is not None:
-            parts.append(f"student {student:.4f}")
-        parts.append(f"{row['round_seconds']:.2f}s")
+    def record_round(self, report: RoundReport) -> None:
+        self.history = [h for h in self.history if h.round != report.round] + [report]
+        if self.progress:
+            self.console.print(self.progress_line(report))
+
+    def progress_line(self, r: RoundReport) -> str:
+        parts = [f"[bold]round {r.round:>3}/{self.total_rounds}[/bold]"]
+        if r.central is not None:
+            parts += [f"acc [green]{r.central.test.accuracy:.4f}[/green]",
+                      f"loss {r.central.test.loss:.4f}"]
+        if r.comm is not None:
+            parts.append(f"up {r.comm.uplink_bytes / 1e6:.3f} MB")
+            parts.append(f"down {(r.comm.downlink_bytes + r.comm.downlink_eval_bytes) / 1e6:.3f}"
+                         " MB")
+            if r.comm.uplink_ratio:
+                parts.append(f"ratio x{r.comm.uplink_ratio:.1f}")
+        if r.rejects:
+            parts.append(f"[yellow]{len(r.rejects)} rejected[/yellow]")
+        if r.distill is not None:
+            parts.append(f"student {r.distill.student_test_accuracy:.4f}")
+        parts.append(f"{r.round_seconds:.2f}s")
         return " | ".join(parts)
 
-    def results(self, final: dict[str, Any] | None = None) -> dict[str, Any]:
-        return _finite({
-            "fedslim_version": __version__,
-            "config": self.config,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
-            "wall_seconds": time.time() - self.started,
-            "resumed_from_round": self.resumed_from_round,
-            **self.info,
-            "rounds": sorted(self.history, key=lambda h: h["round"]),
-            "final": final,
-        })
+    def results(self, final: FinalReport | None = None) -> RunResults:
+        return RunResults(
+            fedslim_version=__version__, config=self.config,
+            started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+            wall_seconds=time.time() - self.started,
+            resumed_from_round=self.resumed_from_round, model=self.model, data=self.data,
+            rounds=sorted(self.history, key=lambda h: h.round), final=final)
 
-    def write(self, final: dict[str, Any] | None = None) -> Path:
-        path = self.outdir / RESULTS_NAME
-        atomic_write_json(path, self.results(final))
+    def write(self, final: FinalReport | None = None) -> Path:
+        path = self.outdir / RESULTS_FILE
+        atomic_write_bytes(path, self.results(final).to_json().encode())
         return path

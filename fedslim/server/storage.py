@@ -21,10 +21,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedslim.errors import CheckpointError
+from fedslim.protocol import CHECKPOINT_FILE
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
-MODEL_NAME = "model.safetensors"
-RESULTS_NAME = "results.json"
 STRATEGY_PREFIX = "strategy/"
 
 
@@ -82,14 +80,14 @@ def save_checkpoint(outdir: Path, ckpt: Checkpoint) -> Path:
     tensors.update({STRATEGY_PREFIX + k: v for k, v in ckpt.strategy_state.items()})
     meta = {"round": str(ckpt.round), "history": json.dumps(ckpt.history),
             "config": json.dumps(ckpt.config), "format": "fedslim-checkpoint/1"}
-    path = outdir / CHECKPOINT_NAME
+    path = outdir / CHECKPOINT_FILE
     save_model(path, tensors, meta)
     return path
 
 
 def load_checkpoint(outdir: Path) -> Checkpoint | None:
     """The last complete checkpoint in ``outdir``, or None if there is none."""
-    path = outdir / CHECKPOINT_NAME
+    path = outdir / CHECKPOINT_FILE
     if not path.exists():
         return None
     try:

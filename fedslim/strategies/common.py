@@ -36,18 +36,27 @@ def aggregate_metrics(records: Iterable[RecordDict], weight_key: str) -> MetricR
         return MetricRecord({})
 
     def num(m: MetricRecord, k: str) -> float:
-        v = m.get(k)  # non-numeric / non-scalar metrics from a client are ignored
-        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan
+        v = m.get(k)  # non-numeric, non-scalar and non-finite client metrics are ignored
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
+            return np.nan
+        return float(v)
 
-    weights = np.nan_to_num(np.array([num(m, weight_key) for m in rows]))
-    total = weights.sum()
-    out: dict[str, int | float | list[int] | list[float]] = {weight_key: int(total)}
+    weights = np.array([num(m, weight_key) for m in rows])
+    weights = np.where(np.isfinite(weights) & (weights > 0), weights, 0.0)
+    total = float(weights.sum())
+    out: dict[str, int | float | list[int] | list[float]] = {}
+    if np.isfinite(total) and total < 2**62:
+        out[weight_key] = int(total)
     keys = sorted({k for m in rows for k in m.keys()} - {weight_key, *DROPPED_KEYS})
     for k in keys:
         vals = np.array([num(m, k) for m in rows])
+        ok = ~np.isnan(vals)
         if k.endswith(SUMMED_SUFFIXES):
-            out[k] = float(np.nansum(vals))
-        elif total > 0:
-            ok = ~np.isnan(vals)
-            out[k] = float((vals[ok] * weights[ok]).sum() / max(weights[ok].sum(), 1e-12))
+            value = float(np.nansum(vals))
+        elif np.isfinite(total) and total > 0 and weights[ok].sum() > 0:
+            value = float((vals[ok] * weights[ok]).sum() / weights[ok].sum())
+        else:
+            continue
+        if np.isfinite(value):
+            out[k] = value
     return MetricRecord(out)

@@ -1,314 +1,248 @@
-"""Compressed FedAvg: decode, validate and average client *updates*; account every byte.
+"""``Compressed(strategy)``: fedslim's update compression around ANY Flower strategy.
 
-Built on Flower's ``Strategy.start`` loop through the same hooks as FedAvg:
+On the way out (``configure_*``) the wrapper takes the wrapped strategy's messages and,
+per node, replaces the model arrays by what that node needs (the full model, a compressed
+delta from the version it holds, or nothing) and adds a
+:class:`~fedslim.protocol.DownlinkHeader` telling the node's
+:func:`~fedslim.client.mod.compression_mod` how to encode its reply. On the way in
+(``aggregate_*``) it decodes and validates each reply
+(:class:`~fedslim.strategies.uplink.UplinkDecoder`), rejects bad ones with node and reason,
+and hands the wrapped strategy plain ``ArrayRecord`` weights (base + decoded update), so
+FedAvg, FedAdam, FedProx, Krum, FedTrimmedAvg or a DP wrapper aggregate them unchanged. The
+new global model goes back through the downlink codec
+(:class:`~fedslim.strategies.downlink.Downlink`). Every message is measured by a
+:class:`~fedslim.strategies.ledger.ByteLedger`; what happened is reported into a
+:class:`~fedslim.report.RoundCollector`.
 
-* ``configure_*`` sends each node either the full float32 model (stock Flower) or, with a
-  ``downlink`` pipeline, the compressed delta from the version that node last received
-  (full-model fallback for nodes that missed rounds or lost their state);
-* ``aggregate_train`` decodes each reply (our wire format, or plain float32 weights for
-  ``uplink=none``), rejects malformed ones with a logged reason, averages the rest with
-  :func:`~fedslim.strategies.aggregate.weighted_mean` and applies the server optimizer;
-* every sent and received message is measured with Flower's own serialization.
+With ``uplink="none"`` and ``downlink="none"`` messages pass through untouched: the
+federation is stock Flower's, bit for bit, plus validation and byte accounting.
+
+Order when stacking with Flower's DP wrappers: ``Compressed(DifferentialPrivacy...(s))`` --
+the DP wrapper must see plain weights.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import math
+import secrets
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from fedslim.compression import decode_update, encode_update, parse_spec
-from fedslim.config import CompressionConfig
-from fedslim.errors import FedslimError, UpdateRejected
-from fedslim.flower_io import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    DELTA_KEY,
-    METRICS_KEY,
-    PAYLOAD_KEY,
-    apply_delta,
-    content_bytes,
-    message_bytes,
-    payload_from_record,
-    payload_record,
-    state_crc,
-    state_record,
+from fedslim.compression import PipelineSpec, parse_spec
+from fedslim.errors import FedslimError
+from fedslim.flower_io import message_bytes, to_state
+from fedslim.protocol import DOWN, DownlinkHeader
+from fedslim.report import Reject, RoundCollector, RoundReport
+from fedslim.strategies.downlink import Downlink
+from fedslim.strategies.ledger import ByteLedger
+from fedslim.strategies.uplink import (
+    Expected,
+    UplinkDecoder,
+    check_weight,
+    partition_of,
 )
-from fedslim.strategies.aggregate import (
-    ServerOptimizer,
-    State,
-    apply_step,
-    float_keys,
-    metric_scalar,
-    validate_update,
-    validate_weight,
-    weighted_mean,
-)
-from fedslim.strategies.common import aggregate_metrics, seeded_sample
-from fedslim.strategies.fedavg import FedslimFedAvg, partition_of
+from fedslim.strategies.wrapper import StrategyWrapper
 
 log = logging.getLogger("flwr").getChild("fedslim")
 
 
-@dataclass
-class RoundComm:
-    """Bytes and times of one round, both directions, as serialized by Flower."""
-
-    uplink_bytes: int = 0            # train replies
-    uplink_eval_bytes: int = 0       # evaluate replies (metrics only)
-    downlink_bytes: int = 0          # train instructions (model or delta)
-    downlink_eval_bytes: int = 0     # evaluate instructions (model or delta)
-    uplink_none_bytes: int = 0       # what the same train replies would be with uplink=none
-    full_model_messages: int = 0
-    delta_messages: int = 0
-    encode_seconds: float = 0.0      # clients' encode time, summed
-    decode_seconds: float = 0.0      # server's decode time
-    per_client: dict[str, dict[str, int]] = field(default_factory=dict)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["uplink_ratio"] = (self.uplink_none_bytes / self.uplink_bytes
-                               if self.uplink_bytes else None)
-        return out
+def scalar_metrics(rec: MetricRecord | None) -> dict[str, float]:
+    """The finite scalar entries of an aggregated MetricRecord (lists are dropped)."""
+    out: dict[str, float] = {}
+    for k, v in (rec or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[k] = float(v)
+    return out
 
 
-@dataclass
-class DecodedReply:
-    update: State
-    weight: float
-    metrics: RecordDict
+def model_record_key(content: RecordDict, arrays: ArrayRecord) -> str | None:
+    """The name of the record that carries the global model in an outgoing message."""
+    for key, rec in content.array_records.items():
+        if rec is arrays:
+            return key
+    names = list(arrays.keys())
+    for key, rec in content.array_records.items():
+        if list(rec.keys()) == names:
+            return key
+    return None
 
 
-class CompressedFedAvg(FedslimFedAvg):
-    """FedAvg over (optionally compressed) updates with server optimizers and accounting."""
+class Compressed(StrategyWrapper):
+    """Compress what ``strategy`` sends and receives; validate and account every reply.
 
-    def __init__(self, *, comp: CompressionConfig, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.comp = comp
-        self.downlink_spec = parse_spec(comp.downlink)
-        self.use_delta = str(self.downlink_spec) != "none"
-        self.opt = ServerOptimizer(comp.server_opt, comp.server_lr, comp.server_momentum)
-        self.global_state: State | None = None
-        self.version = 0
-        self.delta_payload: bytes | None = None  # takes version-1 to version
-        self.down_residual: State = {}
-        self.node_version: dict[int, int] = {}   # version each node is known to hold
-        self.sent_version: dict[int, int] = {}
-        self.node_partition: dict[int, int] = {}
-        self.crc_by_version: dict[int, int] = {}
-        # The round's accepted replies and the global they built on (for distillation).
-        self.last_accepted: list[DecodedReply] = []
-        self.last_base: State | None = None
-        self.comm = RoundComm()
-        self.last_comm: dict[str, Any] | None = None
-        self._none_reply_bytes: int | None = None
+    Parameters
+    ----------
+    strategy : Strategy
+        Any Flower strategy working on plain ``ArrayRecord`` weights.
+    uplink, downlink : str or PipelineSpec
+        Pipelines for client updates and for the global model's steps (``none``: plain
+        float32, as stock Flower).
+    error_feedback : bool
+        Clients keep what their codec dropped and add it to their next update.
+    warmup_rounds : int
+        DGC-style sparsity warm-up of the uplink's top-k density.
+    seed : int
+        Seeds the clients' stochastic rounding (with node and round).
+    collector : RoundCollector, optional
+        Where round reports go (a private one if not given; see :attr:`collector`).
+    """
+
+    def __init__(self, strategy: Strategy, *, uplink: str | PipelineSpec = "none",
+                 downlink: str | PipelineSpec = "none", error_feedback: bool = True,
+                 warmup_rounds: int = 0, seed: int = 0,
+                 collector: RoundCollector | None = None) -> None:
+        super().__init__(strategy)
+        self.uplink = parse_spec(uplink)
+        self.downlink = Downlink(parse_spec(downlink))
+        self.error_feedback = error_feedback
+        self.warmup_rounds = warmup_rounds
+        self.seed = seed
+        self.collector = collector if collector is not None else RoundCollector()
+        self.plain = self.uplink.is_identity and not self.downlink.compress
+        self.stream = secrets.randbits(31)
+        self.ledger = ByteLedger()
+        self.decoder = UplinkDecoder()
+        self._arrays_key: str | None = None
+        self._round = 0
+
+    def summary(self) -> None:
+        log.info("\t├──> fedslim compression: uplink=%s downlink=%s error-feedback=%s",
+                 self.uplink, self.downlink.spec, self.error_feedback)
+        super().summary()
+
+    def uplink_at(self, server_round: int) -> PipelineSpec:
+        return self.uplink.at_round(max(server_round, 1), self.warmup_rounds)
 
     # ------------------------------------------------------------------ downlink
-    def _ensure_global(self, arrays: ArrayRecord) -> None:
-        if self.global_state is None:
-            self.global_state = {k: v.to(torch.float32) if v.is_floating_point() else v
-                                 for k, v in arrays.to_torch_state_dict().items()}
+    def _report(self, server_round: int) -> RoundReport:
+        return self.collector.open(server_round)
 
-    def _model_messages(self, node_ids: list[int], rnd: int, mtype: str,
-                        config: ConfigRecord) -> list[Message]:
-        assert self.global_state is not None
-        base = dict(config)
-        base.update({"server-round": rnd, "global-version": self.version})
-        if self.version not in self.crc_by_version:
-            self.crc_by_version = {self.version: state_crc(self.global_state)}
-        full = RecordDict({ARRAYS_KEY: state_record(self.global_state),
-                           CONFIG_KEY: ConfigRecord(base)})
-        delta = current = None
-        if self.use_delta:
-            # A node that already holds this version gets no arrays at all.
-            current = RecordDict({CONFIG_KEY: ConfigRecord({**base,
-                                                            "base-version": self.version})})
-            if self.delta_payload is not None:
-                delta = RecordDict({DELTA_KEY: payload_record(self.delta_payload),
-                                    CONFIG_KEY: ConfigRecord({**base,
-                                                              "base-version": self.version - 1})})
-        msgs = []
-        for node in node_ids:
-            held = self.node_version.get(node)
-            if current is not None and held == self.version:
-                content, use_delta = current, True
-            elif delta is not None and held == self.version - 1:
-                content, use_delta = delta, True
-            else:
-                content, use_delta = full, False
-            msg = Message(content=content, message_type=mtype, dst_node_id=node)
-            size = message_bytes(msg)
-            if mtype == MessageType.TRAIN:
-                self.comm.downlink_bytes += size
-            else:
-                self.comm.downlink_eval_bytes += size
-            self.comm.delta_messages += int(use_delta)
-            self.comm.full_model_messages += int(not use_delta)
-            self.sent_version[node] = self.version
-            msgs.append(msg)
-        return msgs
+    def _outgoing(self, messages: Iterable[Message], arrays: ArrayRecord,
+                  server_round: int) -> list[Message]:
+        out = []
+        for msg in messages:
+            key = None if self.plain else model_record_key(msg.content, arrays)
+            if key is None:  # stock message (or one without the model): untouched
+                self.ledger.sent(msg, "full")
+                out.append(msg)
+                continue
+            self._arrays_key = key
+            node = msg.metadata.dst_node_id
+            content, kind, base = self.downlink.content_for(node, msg.content, key)
+            content[DOWN] = DownlinkHeader(
+                stream=self.stream, version=self.downlink.version, base=base, arrays_key=key,
+                uplink=str(self.uplink_at(server_round)), error_feedback=self.error_feedback,
+                keep=self.downlink.compress, server_round=server_round,
+                seed=self.seed).to_record()
+            new = Message(content=content, dst_node_id=node,
+                          message_type=msg.metadata.message_type,
+                          group_id=msg.metadata.group_id)
+            self.ledger.sent(new, kind)
+            out.append(new)
+        return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._ensure_global(arrays)
-        self.comm = RoundComm()
-        rnd = server_round + self.round_offset
-        nodes = seeded_sample(grid, self.min_available_nodes, self.fraction_train,
-                              self.min_train_nodes, self.seed, rnd, salt=0)
-        return self._model_messages(nodes, rnd, MessageType.TRAIN, config)
+        self._report(server_round)
+        self.ledger.reset()
+        self._round = server_round
+        self.downlink.sync(arrays)
+        msgs = self.strategy.configure_train(server_round, arrays, config, grid)
+        return self._outgoing(msgs, arrays, server_round)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        if self.fraction_evaluate == 0.0:
-            return []
-        self._ensure_global(arrays)
-        rnd = server_round + self.round_offset
-        nodes = seeded_sample(grid, self.min_available_nodes, self.fraction_evaluate,
-                              self.min_evaluate_nodes, self.seed, rnd, salt=1)
-        return self._model_messages(nodes, rnd, MessageType.EVALUATE, config)
+        self._report(server_round)
+        self.downlink.sync(arrays)
+        msgs = self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        return self._outgoing(msgs, arrays, server_round)
 
     # ------------------------------------------------------------------ uplink
-    def _reject(self, msg: Message, reason: str) -> None:
+    def _reject(self, report: RoundReport, msg: Message, phase: str, reason: str) -> None:
         node = msg.metadata.src_node_id
-        self.node_version.pop(node, None)  # its state is unknown: send it the full model
-        part = self.node_partition.get(node, partition_of(msg))
-        log.warning("rejected reply from node %s (partition %s): %s", node, part, reason)
-        self.comm.rejected.append({"node": node, "partition": part, "reason": reason})
+        self.downlink.forget(node)
+        part = partition_of(msg)
+        log.warning("rejected %s reply from node %s (partition %s): %s", phase, node, part,
+                    reason)
+        report.rejects.append(Reject(node=node, phase=phase, reason=reason, partition=part))
 
-    def _none_bytes(self, metrics: MetricRecord) -> int:
-        """Serialized size of the stock (uplink=none) reply: full float32 weights + metrics."""
-        if self._none_reply_bytes is None:
-            assert self.global_state is not None
-            self._none_reply_bytes = content_bytes(RecordDict(
-                {ARRAYS_KEY: state_record(self.global_state), METRICS_KEY: metrics}))
-        return self._none_reply_bytes
-
-    def decode_reply(self, msg: Message) -> DecodedReply:
-        """Turn one train reply into a validated float32 update (delta) and its weight."""
-        assert self.global_state is not None
-        who = f"node {msg.metadata.src_node_id}"
-        content = msg.content
-        metrics = content.metric_records.get(METRICS_KEY)
-        if metrics is None or "num-examples" not in metrics:
-            raise UpdateRejected(f"{who}: reply has no MetricRecord {METRICS_KEY!r} with "
-                                 "'num-examples'")
-        weight = validate_weight(metrics["num-examples"], who)
-        sent = self.crc_by_version.get(self.sent_version.get(msg.metadata.src_node_id, -1))
-        if "global-crc" in metrics and sent is not None:
-            crc = int(metric_scalar(metrics, "global-crc", who))
-            if crc != sent:
-                raise UpdateRejected(f"{who}: its copy of the global model differs from the "
-                                     f"server's (crc {crc} != {sent})")
-        fkeys = float_keys(self.global_state)
-        expected = {k: tuple(self.global_state[k].shape) for k in fkeys}
-        t0 = time.perf_counter()
-        if PAYLOAD_KEY in content.array_records:
-            payload = payload_from_record(content.array_records[PAYLOAD_KEY], who)
-            update = decode_update(payload, max_elements=self.comp.max_update_elements).tensors
-        elif ARRAYS_KEY in content.array_records:
-            try:
-                local = content.array_records[ARRAYS_KEY].to_torch_state_dict()
-            except Exception as exc:  # malformed numpy payloads raise various errors
-                raise UpdateRejected(f"{who}: arrays cannot be read: {exc}") from None
-            validate_update({k: v.float() if v.is_floating_point() else v
-                             for k, v in local.items() if k in expected}, expected, who)
-            update = {k: local[k].float() - self.global_state[k] for k in fkeys}
-        else:
-            raise UpdateRejected(f"{who}: reply carries neither {PAYLOAD_KEY!r} nor "
-                                 f"{ARRAYS_KEY!r}")
-        self.comm.decode_seconds += time.perf_counter() - t0
-        validate_update(update, expected, who)
-        return DecodedReply(update=update, weight=weight, metrics=content)
+    def _expected(self, node: int, server_round: int) -> Expected:
+        return Expected(stream=self.stream, version=self.downlink.sent.get(node, -1),
+                        server_round=server_round, crc=self.downlink.crc,
+                        arrays_key=self._arrays_key or "arrays",
+                        spec=self.uplink_at(server_round), framed=not self.plain)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        assert self.global_state is not None
-        accepted: list[DecodedReply] = []
-        ordered = sorted(replies, key=partition_of)
+        report = self._report(server_round)
+        ordered = list(replies)  # arrival order, as the wrapped strategy would see it
+        accepted: list[Message] = []
+        base = self.downlink.state
         for msg in ordered:
-            node = msg.metadata.src_node_id
-            size = message_bytes(msg)
-            self.comm.uplink_bytes += size
+            self.ledger.received(msg)
             if msg.has_error():
-                self._reject(msg, f"client error: {msg.error.reason}")
+                self._reject(report, msg, "train", f"client error: {msg.error.reason}")
                 continue
-            part = partition_of(msg)
-            self.node_partition[node] = part
+            node = msg.metadata.src_node_id
             try:
-                dec = self.decode_reply(msg)
-                metrics = msg.content.metric_records[METRICS_KEY]
-                if "encode-seconds" in metrics:
-                    self.comm.encode_seconds += metric_scalar(metrics, "encode-seconds",
-                                                              f"node {node}")
+                dec = self.decoder.decode(msg, base, self._expected(node, server_round))
             except FedslimError as exc:
-                self._reject(msg, str(exc))
+                self._reject(report, msg, "train", str(exc))
                 continue
             except Exception as exc:  # one bad reply must never take the server down
-                self._reject(msg, f"unexpected {type(exc).__name__} while decoding: {exc}")
+                self._reject(report, msg, "train",
+                             f"unexpected {type(exc).__name__} while decoding: {exc}")
                 continue
-            self.comm.uplink_none_bytes += self._none_bytes(metrics)
-            self.comm.per_client[str(part)] = {"uplink_bytes": size}
-            self.node_version[node] = self.sent_version.get(node, -1)
-            accepted.append(dec)
-        self.last_num_replies = len(accepted)
-        self.last_num_failures = len(ordered) - len(accepted)
-        self.last_accepted, self.last_base = accepted, self.global_state
-        if len(accepted) < self.min_train_nodes:
-            log.warning("round %s: %d valid replies < min-train-nodes=%d; global model kept",
-                        server_round + self.round_offset, len(accepted), self.min_train_nodes)
-            self.last_train_metrics = None
+            if not self.plain:
+                msg.content = dec.content
+            self.ledger.timing(dec.encode_seconds, dec.decode_seconds)
+            self.ledger.plain_equivalent(message_bytes(msg))
+            self.downlink.acknowledge(node)
+            accepted.append(msg)
+        report.replies, report.failures = len(accepted), len(ordered) - len(accepted)
+        if not accepted:
+            log.warning("round %s: no valid train reply; the global model is kept",
+                        server_round)
             return None, None
-        mean = weighted_mean([d.update for d in accepted], [d.weight for d in accepted])
-        self._advance(apply_step(self.global_state, self.opt.step(mean)))
-        metrics = aggregate_metrics([d.metrics for d in accepted], "num-examples")
-        self.last_train_metrics = metrics
-        return ArrayRecord(self.global_state), metrics
-
-    def _advance(self, target: State) -> None:
-        """Make ``target`` the next global version (through the downlink codec if any)."""
-        assert self.global_state is not None
-        if self.use_delta:
-            fkeys = float_keys(self.global_state)
-            wanted = {k: target[k] - self.global_state[k]
-                      + self.down_residual.get(k, torch.zeros_like(target[k])) for k in fkeys}
-            payload, sent = encode_update(wanted, self.downlink_spec,
-                                          return_reconstruction=True)
-            self.down_residual = {k: wanted[k] - sent[k] for k in fkeys}
-            self.delta_payload = payload
-            target = apply_delta(self.global_state, sent)
-        self.global_state = target
-        self.version += 1
+        arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
+        report.train = scalar_metrics(metrics)
+        if arrays is None:
+            return None, metrics
+        return self.downlink.publish(to_state(arrays)), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        replies = list(replies)
+        report = self._report(server_round)
+        ok: list[Message] = []
         for msg in replies:
-            self.comm.uplink_eval_bytes += message_bytes(msg)
-            node = msg.metadata.src_node_id
+            self.ledger.received(msg)
             if msg.has_error():
-                self.node_version.pop(node, None)
-            else:
-                self.node_version[node] = self.sent_version.get(node, -1)
-        ok = [m for m in replies if not m.has_error()]
-        metrics = aggregate_metrics([m.content for m in ok], "num-examples") if ok else None
-        self.last_evaluate_metrics = metrics
-        self.last_comm = self.comm.summary()
+                self._reject(report, msg, "evaluate", f"client error: {msg.error.reason}")
+                continue
+            try:
+                check_weight(next(iter(msg.content.metric_records.values()), None),
+                             f"node {msg.metadata.src_node_id}", allow_zero=True)
+            except FedslimError as exc:
+                self._reject(report, msg, "evaluate", str(exc))
+                continue
+            self.downlink.acknowledge(msg.metadata.src_node_id)
+            ok.append(msg)
+        report.evaluate_replies = len(ok)
+        report.evaluate_failures = sum(r.phase == "evaluate" for r in report.rejects)
+        metrics = self.strategy.aggregate_evaluate(server_round, ok) if ok else None
+        report.federated_evaluate = scalar_metrics(metrics)
+        report.comm = self.ledger.close()
         return metrics
 
     # ------------------------------------------------------------------ checkpoint
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"opt/{k}": v for k, v in self.opt.state_dict().items()}
-        state.update({f"down_residual/{k}": v for k, v in self.down_residual.items()})
-        return state
+    def own_state(self) -> dict[str, torch.Tensor]:
+        return {f"downlink/{k}": v for k, v in self.downlink.state_dict().items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")})
-        self.down_residual = {k[len("down_residual/"):]: v for k, v in state.items()
-                              if k.startswith("down_residual/")}
+    def load_own_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.downlink.load_state_dict({k[len("downlink/"):]: v for k, v in state.items()
+                                       if k.startswith("downlink/")})

@@ -1,65 +1,72 @@
-"""FedAvg as Flower's ``FedAvg``, made reproducible and resumable.
+"""fedslim's default inner strategy: Flower's FedAvg, reproducible, with server optimizers.
 
-Differences from the stock strategy, all about reproducibility and reporting:
+Differences from the stock strategy:
 
-* node sampling is seeded by (seed, round) instead of the global ``random`` module;
-* replies are sorted by ``partition-id`` before averaging, so float summation order does
-  not depend on which client answered first;
-* ``round_offset`` lets a resumed run continue the round numbering (clients derive their
-  shuffling seed and learning-rate decay from the round);
-* the last aggregated train / evaluate metrics are kept for the server's recorder.
+* node sampling is seeded by (seed, round) instead of the global ``random`` module, so a
+  resumed run samples the same nodes as an uninterrupted one;
+* replies are averaged in a fixed order (partition id, then node id) and in float64, as
+  the mean *step* from the current global model, so float summation does not depend on
+  which client answered first;
+* the mean step goes through a server optimizer (:class:`ServerOptimizer`: plain FedAvg,
+  FedAvgM momentum or FedAdam), whose state is checkpointed (:meth:`state_dict`);
+* a round with fewer than ``min_train_nodes`` valid replies keeps the global model.
+
+It aggregates plain weights like any Flower strategy; compression is the job of the
+:class:`~fedslim.strategies.compressed.Compressed` wrapper around it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedslim.config import ServerOpt
+from fedslim.errors import FedslimError
+from fedslim.flower_io import state_record, to_state
+from fedslim.protocol import SERVER_ROUND
+from fedslim.strategies.aggregate import ServerOptimizer, apply_step, float_keys, weighted_mean
 from fedslim.strategies.common import aggregate_metrics, seeded_sample
+from fedslim.strategies.uplink import check_weight, reply_order
 
-
-def partition_of(msg: Message) -> int:
-    """The ``partition-id`` a reply reports (-1 when absent), used to order replies."""
-    if msg.has_error():
-        return -1
-    for rec in msg.content.metric_records.values():
-        if "partition-id" in rec:
-            return int(rec["partition-id"])
-    return -1
+log = logging.getLogger("flwr").getChild("fedslim")
 
 
 class FedslimFedAvg(FedAvg):
-    """Flower FedAvg with seeded sampling, ordered aggregation and a round offset."""
+    """Flower FedAvg with seeded sampling, ordered float64 averaging and a server optimizer."""
 
-    def __init__(self, *, seed: int = 0, round_offset: int = 0, **kwargs: object) -> None:
+    def __init__(self, *, seed: int = 0, server_opt: ServerOpt = ServerOpt.AVG,
+                 server_lr: float = 1.0, server_momentum: float = 0.9,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
         kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+        super().__init__(**kwargs)
         self.seed = seed
-        self.round_offset = round_offset
-        self.last_train_metrics: MetricRecord | None = None
-        self.last_evaluate_metrics: MetricRecord | None = None
-        self.last_num_replies = 0
-        self.last_num_failures = 0
+        self.opt = ServerOptimizer(server_opt, server_lr, server_momentum)
+        self.current: dict[str, torch.Tensor] = {}
+        self._current_arrays: ArrayRecord | None = None
 
     # -- sampling -------------------------------------------------------------------
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                   grid: Grid, fraction: float, min_nodes: int, mtype: str) -> list[Message]:
         if fraction == 0.0:
             return []
-        rnd = server_round + self.round_offset
         node_ids = seeded_sample(grid, self.min_available_nodes, fraction, min_nodes,
-                                 self.seed, rnd, salt=0 if mtype == MessageType.TRAIN else 1)
-        config["server-round"] = rnd
+                                 self.seed, server_round,
+                                 salt=0 if mtype == MessageType.TRAIN else 1)
+        config[SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return list(self._construct_messages(record, node_ids, mtype))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        if arrays is not self._current_arrays:
+            self.current, self._current_arrays = to_state(arrays), arrays
         return self._messages(server_round, arrays, config, grid, self.fraction_train,
                               self.min_train_nodes, MessageType.TRAIN)
 
@@ -71,26 +78,42 @@ class FedslimFedAvg(FedAvg):
     # -- aggregation ----------------------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ordered = sorted(replies, key=partition_of)
-        self.last_num_replies = sum(not m.has_error() for m in ordered)
-        self.last_num_failures = len(ordered) - self.last_num_replies
-        if self.last_num_replies < self.min_train_nodes:
-            self.last_train_metrics = None
-            return None, None  # keep the previous global model
-        arrays, metrics = super().aggregate_train(server_round, ordered)
-        self.last_train_metrics = metrics
-        return arrays, metrics
+        steps, weights, contents = [], [], []
+        keys = float_keys(self.current)
+        for msg in sorted(replies, key=reply_order):
+            if msg.has_error():
+                continue
+            who = f"node {msg.metadata.src_node_id}"
+            try:
+                weight = check_weight(next(iter(msg.content.metric_records.values()), None),
+                                      who)
+                local = to_state(msg.content[self.arrayrecord_key])  # type: ignore[arg-type]
+                steps.append({k: local[k] - self.current[k] for k in keys})
+            except (FedslimError, KeyError) as exc:
+                log.warning("round %s: skipping reply from %s: %s", server_round, who, exc)
+                continue
+            weights.append(weight)
+            contents.append(msg.content)
+        if len(steps) < self.min_train_nodes:
+            log.warning("round %s: %d valid replies < min-train-nodes=%d; global model kept",
+                        server_round, len(steps), self.min_train_nodes)
+            return None, None
+        step = self.opt.step(weighted_mean(steps, weights))
+        new = apply_step(self.current, step)
+        self.current = new
+        self._current_arrays = state_record(new)
+        return self._current_arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, sorted(replies, key=partition_of))
-        self.last_evaluate_metrics = metrics
-        return metrics
+        ok = [m for m in sorted(replies, key=reply_order) if not m.has_error()]
+        if not ok:
+            return None
+        return self.evaluate_metrics_aggr_fn([m.content for m in ok], self.weighted_by_key)
 
     # -- checkpointing --------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Strategy state to checkpoint (none for plain FedAvg)."""
-        return {}
+        return {f"opt/{k}": v for k, v in self.opt.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        del state
+        self.opt.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("opt/")})

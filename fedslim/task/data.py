@@ -181,7 +181,7 @@ def split_pool(pool: ArrayData, cfg: DataConfig, seed: int) -> Splits:
         test=pool.subset(test_idx),
         proxy_x=pool.x[proxy_idx],
         num_classes=int(pool.y.max()) + 1,
-        input_shape=tuple(pool.x.shape[1:]),  # type: ignore[arg-type]
+        input_shape=tuple(pool.x.shape[1:]),
     )
 
 
@@ -192,7 +192,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
 
 
 # --------------------------------------------------------------------------- partitions
-def _partitioner(cfg: DataConfig, num_partitions: int, seed: int):  # type: ignore[no-untyped-def]
+def _partitioner(cfg: DataConfig, num_partitions: int, seed: int):
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,

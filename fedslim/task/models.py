@@ -11,31 +11,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fedslim.errors import RegistryError
+from fedslim.registry import Registry
 
 ModelFactory = Callable[[int, int], nn.Module]
-MODELS: dict[str, ModelFactory] = {}
-
-
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator adding a factory to :data:`MODELS`; a duplicate name is an error."""
-
-    def deco(fn: ModelFactory) -> ModelFactory:
-        if name in MODELS:
-            raise RegistryError(f"model {name!r} is already registered")
-        MODELS[name] = fn
-        return fn
-
-    return deco
+MODELS: Registry[ModelFactory] = Registry("model")
+register_model = MODELS.register
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     """Instantiate a registered model; unknown names list the known ones."""
-    try:
-        factory = MODELS[name]
-    except KeyError:
-        raise RegistryError(f"unknown model {name!r}; known models: {sorted(MODELS)}") from None
-    return factory(in_channels, num_classes)
+    return MODELS[name](in_channels, num_classes)
 
 
 def count_params(model: nn.Module) -> int:

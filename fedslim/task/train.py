@@ -65,8 +65,13 @@ class EvalStats:
 
 
 def train_local(model: nn.Module, data: ArrayData, cfg: TrainConfig, *, server_round: int,
-                seed_parts: tuple[int, ...], device: torch.device) -> TrainStats:
-    """Train ``model`` in place for ``cfg.local_epochs`` epochs on ``data``."""
+                seed_parts: tuple[int, ...], device: torch.device,
+                proximal_mu: float = 0.0) -> TrainStats:
+    """Train ``model`` in place for ``cfg.local_epochs`` epochs on ``data``.
+
+    ``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_start||^2`` (Li et
+    al. 2020), which keeps a client's model near the global model it started from.
+    """
     t0 = time.perf_counter()
     if len(data) == 0:
         return TrainStats(loss=float("nan"), num_examples=0, steps=0, seconds=0.0)
@@ -74,6 +79,8 @@ def train_local(model: nn.Module, data: ArrayData, cfg: TrainConfig, *, server_r
     x_all, y_all = data.tensors(device)
     model.to(device).train()
     opt = make_optimizer(model, cfg, round_lr(cfg, server_round))
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     loss_fn = nn.CrossEntropyLoss()
     n, steps = len(data), 0
     epoch_loss = torch.zeros((), device=device)
@@ -87,7 +94,12 @@ def train_local(model: nn.Module, data: ArrayData, cfg: TrainConfig, *, server_r
                 xb = augment(xb, cfg.augment, gen)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
-            loss.backward()
+            if anchor:
+                prox = torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchor,
+                                                                          strict=True)])
+                (loss + 0.5 * proximal_mu * prox.sum()).backward()
+            else:
+                loss.backward()
             if cfg.clip_norm > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
             opt.step()

@@ -2,9 +2,10 @@
 
     python -m tests.e2e.faulty_federation OUTDIR
 
-Partition 0 truncates its payload, 1 flips bytes in it, 2 crashes mid-round, 3 sends float
-arrays holding NaN; 4 and 5 are honest. A Flower client *mod* does the damage after the
-real ClientApp has produced its reply, so everything else is the production path.
+Partition 0 truncates its payload, 1 flips bytes in it, 2 crashes mid-round, 3 sends plain
+float arrays holding NaN instead of the payload the server asked for; 4 and 5 are honest. A
+Flower client *mod* does the damage after the real ClientApp (and its compression_mod) has
+produced its reply, so everything else is the production path.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.simulation import run_simulation
 
 from fedslim.client.app import make_client_app
-from fedslim.flower_io import ARRAYS_KEY, PAYLOAD_ARRAY, PAYLOAD_KEY
+from fedslim.protocol import ARRAYS as ARRAYS_KEY
+from fedslim.protocol import PAYLOAD as PAYLOAD_KEY
+from fedslim.protocol import PAYLOAD_ARRAY
 from fedslim.server.app import make_server_app
 
 

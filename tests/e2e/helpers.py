@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +27,3 @@ def simulate(outdir: Path, num_clients: int, rounds: int, *extra: str,
     run_fedslim(["simulate", "--num-clients", str(num_clients), "--rounds", str(rounds),
                  "--output-dir", str(outdir), "-c", "progress=false", *extra], timeout)
     return json.loads((outdir / "results.json").read_text())
-
-
-def kill_process_group_of(pattern: str, flwr_home: str) -> None:
-    """Kill processes whose command line contains ``pattern`` and ``flwr_home``."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    for line in out.splitlines()[1:]:
-        pid, _, args = line.strip().partition(" ")
-        if pattern in args and flwr_home in args:
-            try:
-                os.kill(int(pid), signal.SIGTERM)
-            except ProcessLookupError:
-                pass

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 def test_uplink_none_equals_stock_flower_fedavg(tmp_path):
     """fedslim's update path (decode, float64 mean of deltas, apply) == Flower's FedAvg."""
     ours = simulate(tmp_path / "ours", 3, 3, "-c", "uplink=none")
-    stock = simulate(tmp_path / "stock", 3, 3, "-c", "strategy=flower-fedavg")
+    stock = simulate(tmp_path / "stock", 3, 3, "-c", "strategy=fedavg")
     a = load_file(str(tmp_path / "ours" / "model.safetensors"))
     b = load_file(str(tmp_path / "stock" / "model.safetensors"))
     for k in a:
@@ -44,7 +44,10 @@ def test_compressed_federation_saves_bytes_and_learns(tmp_path):
     assert tot["rejected_replies"] == 0, "a client's global copy diverged (crc mismatch)"
     assert res["final"]["test_accuracy"] > 0.2
     rounds = res["rounds"]
-    assert all(r["comm"]["delta_messages"] == 8 for r in rounds[1:]), "downlink deltas unused"
+    # From round 2 on, a node holds the global model of the round before: the evaluate
+    # message brings the delta, the next train message needs no arrays at all.
+    assert all(r["comm"]["delta_messages"] == 4 and r["comm"]["current_messages"] == 4
+               for r in rounds[1:]), "downlink deltas unused"
     assert rounds[1]["comm"]["downlink_bytes"] < rounds[0]["comm"]["downlink_bytes"] / 20
     for r in rounds:
         assert r["comm"]["uplink_bytes"] > 0 and r["comm_cumulative"]["total_bytes"] > 0
@@ -60,13 +63,14 @@ def test_corrupt_truncated_nan_and_dead_clients_are_rejected(tmp_path):
     assert [r["round"] for r in res["rounds"]] == [1, 2]
     for r in res["rounds"]:
         assert r["replies"] == 2 and r["failures"] == 4
-        reasons = {rej["partition"]: rej["reason"] for rej in r["comm"]["rejected"]}
+        reasons = {rej["partition"]: rej["reason"] for rej in r["rejects"]}
         assert set(reasons) >= {0, 1, 3}, reasons
         assert "truncat" in reasons[0].lower() or "length" in reasons[0].lower(), reasons[0]
-        assert "NaN" in reasons[3] or "names differ" in reasons[3], reasons[3]
+        # plain float arrays where the configured uplink asks for a payload
+        assert "fedslim.payload" in reasons[3], reasons[3]
         assert any("died mid-round" in v for v in reasons.values()), reasons
     assert res["final"]["test_accuracy"] > 0.1
-    assert "rejected reply from node" in proc.stdout + proc.stderr
+    assert "rejected train reply from node" in proc.stdout + proc.stderr
 
 
 def test_distillation_end_to_end_with_compression(tmp_path):

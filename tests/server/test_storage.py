@@ -6,7 +6,7 @@ import torch
 
 from fedslim.errors import CheckpointError
 from fedslim.server.storage import (
-    CHECKPOINT_NAME,
+    CHECKPOINT_FILE,
     Checkpoint,
     atomic_write_bytes,
     atomic_write_json,
@@ -55,6 +55,6 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     assert back is not None and back.round == 3 and back.history == [{"round": 1}]
     assert torch.equal(back.model["w"], torch.ones(2)) and "m" in back.strategy_state
     assert load_checkpoint(tmp_path / "nothing") is None
-    (tmp_path / CHECKPOINT_NAME).write_bytes(b"garbage")
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(tmp_path)

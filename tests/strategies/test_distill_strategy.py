@@ -1,60 +1,39 @@
-"""The distillation strategy's teacher is built from the right client models."""
+"""Distillation as a composed step: the Distiller, its reports and state; Distilled in a stack."""
 
 import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import FedAvg
 
+from fedslim.client.app import make_client_app
 from fedslim.config import parse_run_config
-from fedslim.strategies.compressed import DecodedReply
-from fedslim.strategies.distill import DistillingFedAvg
+from fedslim.report import RoundCollector
+from fedslim.strategies import Compressed, Distilled, Distiller
 from fedslim.task.data import load_splits
 from fedslim.task.distill import ensemble_teacher
 from fedslim.task.models import build_model
+from tests.loopback import LoopbackGrid
 
 
-def _strategy(**kw):
+def _distiller(**kw):
     cfg = parse_run_config({"distill": True, "distill-steps": 20, "distill-eval-every": 10,
                             **kw})
     splits = load_splits(cfg.data, 0)
-    return DistillingFedAvg(comp=cfg.comp, distill=cfg.distill, splits=splits,
-                            global_model=cfg.train.model, device=torch.device("cpu"),
-                            num_rounds=3, seed=0), splits
+    return Distiller(cfg.distill, splits, cfg.train.model, torch.device("cpu"), seed=0), splits
 
 
-def test_client_models_are_base_plus_decoded_update():
-    strat, _ = _strategy()
-    torch.manual_seed(0)
-    base = build_model("digits_cnn").state_dict()
-    updates = [{k: torch.randn_like(v) * 0.01 for k, v in base.items()} for _ in range(3)]
-    strat.last_base = base
-    strat.last_accepted = [DecodedReply(update=u, weight=1.0, metrics=None) for u in updates]
-    models = strat._client_models()
-    assert len(models) == 3
-    for m, u in zip(models, updates, strict=True):
-        for k, v in m.state_dict().items():
-            torch.testing.assert_close(v, base[k] + u[k], rtol=0, atol=0)
-    # The ensemble teacher's logits are the mean of exactly these models' logits.
-    x = torch.randn(5, 1, 8, 8)
-    want = torch.stack([m.eval()(x) for m in models]).mean(0)
-    torch.testing.assert_close(ensemble_teacher(models)(x), want)
-
-
-def test_distill_round_reports_and_lowers_kl():
-    strat, splits = _strategy(**{"distill-teacher": "both"})
+def test_distill_round_reports_lowers_kl_and_round_trips_state():
+    dist, _ = _distiller(**{"distill-teacher": "both"})
     torch.manual_seed(1)
     base = build_model("digits_cnn").state_dict()
-    strat.global_state = base
-    strat.last_base = base
-    strat.last_accepted = [DecodedReply(update={k: torch.zeros_like(v) for k, v in base.items()},
-                                        weight=1.0, metrics=None)]
-    row = strat._distill(rnd=1)
-    assert row["teacher"] == "both" and row["student_params"] <= 0.25 * row["global_params"]
-    assert row["kl_after"] <= row["kl_before"]
-    assert row["student_bytes"] < row["global_bytes"]
-    state = strat.state_dict()
-    assert any(k.startswith("student/") for k in state)
-    fresh, _ = _strategy()
-    fresh.load_state_dict(state)
+    report = dist.distill(1, [base, base], base)
+    assert report.teacher == "both" and report.teacher_models == 2
+    assert report.student_params <= 0.25 * report.global_params
+    assert report.kl_after <= report.kl_before
+    assert report.student_bytes < report.global_bytes
+    fresh, _ = _distiller()
+    fresh.load_state_dict(dist.state_dict())
     for k, v in fresh.student.state_dict().items():
-        assert torch.equal(v, strat.student.state_dict()[k])
+        assert torch.equal(v, dist.student.state_dict()[k])
 
 
 def test_only_a_never_distilled_student_leaves_its_init_out_of_selection(monkeypatch):
@@ -68,11 +47,57 @@ def test_only_a_never_distilled_student_leaves_its_init_out_of_selection(monkeyp
         return real(*args, keep_start=keep_start, **kw)
 
     monkeypatch.setattr(mod, "distill_student", spy)
-    strat, _ = _strategy(**{"distill-every": 2})
+    dist, _ = _distiller(**{"distill-every": 2})
     base = build_model("digits_cnn").state_dict()
-    strat.global_state = strat.last_base = base
-    strat.last_accepted = [DecodedReply(update={k: torch.zeros_like(v) for k, v in base.items()},
-                                        weight=1.0, metrics=None)]
-    for rnd in (2, 3):  # the rounds that are due with every=2 and num_rounds=3
-        strat._distill(rnd=rnd)
+    assert [r for r in (1, 2, 3) if dist.due(r, num_rounds=3)] == [2, 3]
+    for rnd in (2, 3):
+        dist.distill(rnd, [base], base)
     assert seen == [False, True]
+
+
+def test_distilled_teaches_from_exactly_the_decoded_client_models(monkeypatch):
+    """Under Compressed, the ensemble = base global + each client's decoded update."""
+    import fedslim.strategies.distill as mod
+
+    dist, _ = _distiller()
+    captured = {}
+    real_distill = dist.distill
+
+    def spy(rnd, client_states, global_state):
+        captured["clients"] = client_states
+        return real_distill(rnd, client_states, global_state)
+
+    monkeypatch.setattr(dist, "distill", spy)
+    collector = RoundCollector()
+    inner = FedAvg(fraction_evaluate=0.0)
+    seen_replies = []
+    real_agg = inner.aggregate_train
+
+    def agg(server_round, replies):
+        replies = list(replies)
+        seen_replies.extend(replies)
+        return real_agg(server_round, replies)
+
+    monkeypatch.setattr(inner, "aggregate_train", agg)
+    strategy = Compressed(Distilled(inner, dist, num_rounds=1, collector=collector),
+                          uplink="topk:0.1|q:4", collector=collector)
+    grid = LoopbackGrid(make_client_app({"local-epochs": 1}), 3)
+    torch.manual_seed(0)
+    strategy.start(grid, ArrayRecord(build_model("digits_cnn").state_dict()), num_rounds=1)
+    assert len(captured["clients"]) == 3
+    for state, reply in zip(captured["clients"], seen_replies, strict=True):
+        want = reply.content["arrays"].to_torch_state_dict()
+        for k in want:
+            assert torch.equal(state[k], want[k].float() if want[k].is_floating_point()
+                               else want[k])
+    assert collector.current is not None and collector.current.distill is not None
+    # The ensemble teacher's logits are the mean of exactly these models' logits.
+    models = []
+    for s in captured["clients"]:
+        m = build_model("digits_cnn")
+        m.load_state_dict(s)
+        models.append(m)
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(ensemble_teacher(models)(x),
+                               torch.stack([m.eval()(x) for m in models]).mean(0))
+    assert mod  # the module under test

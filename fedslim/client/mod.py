@@ -1,0 +1,174 @@
+"""``compression_mod``: fedslim's compression layer on the client, as a Flower mod.
+
+Add it to ANY ClientApp whose train handler replies with an ``ArrayRecord`` of weights::
+
+    from fedslim.client import compression_mod
+    app = ClientApp(mods=[compression_mod])
+
+On the way in, a message from a :class:`~fedslim.strategies.compressed.Compressed` server
+is turned back into what a stock app expects: the global model under the app's arrays key
+(rebuilt from the copy this node holds plus a decoded delta, when the server sent one).
+On the way out, the app's weights become an encoded update: ``local - received global``
+plus this node's error-feedback residual, through the pipeline the server asked for. The
+residual and the held global model live in ``context.state``. Messages without fedslim's
+header (a stock server) pass through untouched.
+
+Mod order: Flower runs mods first to last around the app; mods listed *before*
+``compression_mod`` see the encoded reply, mods after it see plain weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedslim.compression import ErrorFeedback, decode_update, encode_update, parse_spec
+from fedslim.errors import DecodeError, EncodeError
+from fedslim.flower_io import (
+    apply_delta,
+    payload_from_record,
+    payload_record,
+    state_crc,
+    state_record,
+    to_state,
+)
+from fedslim.protocol import (
+    DELTA,
+    DOWN,
+    PARTITION_ID,
+    PAYLOAD,
+    STATE_EF,
+    STATE_EF_META,
+    STATE_GLOBAL,
+    STATE_META,
+    UP,
+    DownlinkHeader,
+    UplinkHeader,
+)
+from fedslim.strategies.aggregate import State, float_keys
+from fedslim.task.train import make_generator
+
+
+def _held(context: Context, stream: int) -> tuple[int, State] | None:
+    meta = context.state.config_records.get(STATE_META)
+    if meta is None or meta.get("stream") != stream or STATE_GLOBAL not in context.state:
+        return None
+    version = meta.get("version")
+    if not isinstance(version, int):
+        return None
+    return version, to_state(context.state.array_records[STATE_GLOBAL])
+
+
+def receive_global(msg: Message, context: Context, head: DownlinkHeader) -> State:
+    """The global model this message brings the node to (remembered if ``head.keep``).
+
+    Raises
+    ------
+    DecodeError
+        If the message needs a version this node does not hold, or its delta is malformed.
+    """
+    content = msg.content
+    if head.base < 0:
+        if head.arrays_key not in content.array_records:
+            raise DecodeError(f"downlink: no {head.arrays_key!r} record and no base version")
+        state = to_state(content.array_records[head.arrays_key])
+    else:
+        held = _held(context, head.stream)
+        if held is None or held[0] != head.base:
+            raise DecodeError(f"downlink: message builds on global version {head.base} but "
+                              f"this node holds {None if held is None else held[0]}; the "
+                              "server must send the full model")
+        state = held[1]
+        if head.base != head.version:
+            if DELTA not in content.array_records:
+                raise DecodeError(f"downlink: version {head.base} -> {head.version} without "
+                                  f"a {DELTA!r} record")
+            payload = payload_from_record(content.array_records[DELTA], "downlink")
+            limit = sum(state[k].numel() for k in float_keys(state))
+            delta = decode_update(payload, max_elements=max(limit, 1)).tensors
+            for k, v in delta.items():
+                if k not in state or v.shape != state[k].shape:
+                    raise DecodeError(f"downlink: delta tensor {k!r} does not fit the held "
+                                      "model")
+            state = apply_delta(state, delta)
+    if head.keep:
+        context.state[STATE_GLOBAL] = state_record(state)
+        context.state[STATE_META] = ConfigRecord({"stream": head.stream,
+                                                  "version": head.version})
+    return state
+
+
+def _node_key(context: Context) -> int:
+    pid = context.node_config.get(PARTITION_ID)
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) else int(context.node_id)
+
+
+def _error_feedback(context: Context, stream: int) -> ErrorFeedback:
+    meta = context.state.config_records.get(STATE_EF_META)
+    rec = context.state.array_records.get(STATE_EF)
+    if rec is None or meta is None or meta.get("stream") != stream:
+        return ErrorFeedback()  # a new server-side stream: old residuals do not apply
+    return ErrorFeedback.from_state(to_state(rec))
+
+
+def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: State) -> None:
+    """Replace the reply's weights by the encoded update and add the uplink header."""
+    records = reply.content.array_records
+    key = head.arrays_key
+    if key not in records:
+        if len(records) != 1:
+            raise EncodeError(f"the ClientApp's reply must carry its weights as one "
+                              f"ArrayRecord (ideally {key!r}); it has {sorted(records)}")
+        key = next(iter(records))
+    local = to_state(records[key])
+    if local.keys() != start.keys():
+        missing, extra = sorted(start.keys() - local.keys()), sorted(local.keys() - start.keys())
+        raise EncodeError(f"the reply's parameter names differ from the global model's "
+                          f"(missing {missing[:5]}, unexpected {extra[:5]}); client and "
+                          "server must build the same model")
+    spec = parse_spec(head.uplink)
+    keys = float_keys(start)
+    t0 = time.perf_counter()
+    if not spec.is_identity:
+        update = {k: local[k] - start[k] for k in keys}
+        ef = _error_feedback(context, head.stream) if head.error_feedback else None
+        if ef is not None:
+            update = ef.apply(update)
+        gen = make_generator(head.seed, _node_key(context), head.server_round, 7)
+        payload, sent = encode_update(update, spec, generator=gen, return_reconstruction=True)
+        if ef is not None:
+            ef.record(update, sent)
+            context.state[STATE_EF] = ArrayRecord(ef.state_dict())
+            context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream})
+        del reply.content[key]
+        reply.content[PAYLOAD] = payload_record(payload)
+    reply.content[UP] = UplinkHeader(
+        stream=head.stream, version=head.version, server_round=head.server_round,
+        global_crc=state_crc(start), arrays_key=head.arrays_key,
+        encode_seconds=time.perf_counter() - t0,
+        raw_bytes=sum(start[k].numel() * 4 for k in keys)).to_record()
+
+
+def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower client mod: decompress the downlink, compress the app's train reply."""
+    header = msg.content.config_records.get(DOWN)
+    if header is None:  # not from a fedslim-compressed server: stock behaviour
+        return call_next(msg, context)
+    try:
+        head = DownlinkHeader.from_record(header)
+    except Exception as exc:
+        raise DecodeError(f"downlink header: {exc}") from None
+    start = receive_global(msg, context, head)
+    content = msg.content
+    for key in (DOWN, DELTA):
+        if key in content:
+            del content[key]
+    if head.arrays_key not in content.array_records:
+        content[head.arrays_key] = state_record(start)
+    reply = call_next(msg, context)
+    if reply.has_error() or msg.metadata.message_type != MessageType.TRAIN:
+        return reply
+    encode_reply(reply, context, head, start)
+    return reply

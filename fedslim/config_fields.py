@@ -1,0 +1,114 @@
+"""How a run-config field is declared, type-checked and range-checked (used by ``config``).
+
+A field's metadata (:func:`key`) holds its kebab-case key, help text and range;
+:func:`validate_fields` runs in every config section's ``__post_init__``, so a value is
+checked however the section is built (from ``context.run_config``, the CLI, or Python).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from fedslim.compression.grammar import parse_spec
+from fedslim.compression.spec import PipelineSpec
+from fedslim.errors import ConfigError, SpecError
+
+
+def key(key: str, help: str, *, low: float | None = None, high: float | None = None,
+         low_open: bool = False) -> dict[str, Any]:
+    """Field metadata: the run-config key, its help text and its allowed range."""
+    return {"key": key, "help": help, "low": low, "high": high, "low_open": low_open}
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def validate_fields(section: Any) -> None:
+    """Check (and normalise) every field of a config section against its declared type
+    and range: the one place values are validated, however the object is built."""
+    cls = type(section)
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    for f in dataclasses.fields(section):
+        value = coerce(f.metadata["key"], getattr(section, f.name), hints[f.name], f.metadata)
+        object.__setattr__(section, f.name, value)
+
+
+def check_registered(key: str, name: str, registry: Mapping[str, Any], what: str) -> None:
+    if name not in registry:
+        raise ConfigError(f"run-config key {key!r}: unknown {what} {name!r}; known: "
+                          f"{sorted(registry)}")
+
+def flat(value: Any) -> bool | int | float | str:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, PipelineSpec):
+        return str(value)
+    return value
+
+def coerce(key: str, value: Any, typ: Any, meta: Mapping[str, Any]) -> Any:
+    """Convert one run-config value to the field's type, raising ConfigError on mismatch."""
+    if typ is PipelineSpec:
+        if isinstance(value, PipelineSpec):
+            return value
+        if not isinstance(value, str):
+            raise ConfigError(f"run-config key {key!r}: got {value!r}; expected a pipeline "
+                              "spec string such as 'topk:0.01|q:4'")
+        try:
+            return parse_spec(value)
+        except SpecError as exc:
+            raise ConfigError(f"run-config key {key!r}: invalid pipeline spec {value!r}: "
+                              f"{exc}") from None
+    if isinstance(typ, type) and issubclass(typ, enum.Enum):
+        allowed = [m.value for m in typ]
+        if isinstance(value, typ):
+            return value
+        if isinstance(value, str) and value in allowed:
+            return typ(value)
+        raise ConfigError(f"run-config key {key!r}: got {value!r}; allowed values: {allowed}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"run-config key {key!r}: got {value!r}; expected true or false")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"run-config key {key!r}: got {value!r}; expected an integer")
+        try:
+            num = int(value) if not isinstance(value, float) else value
+        except ValueError:
+            raise ConfigError(
+                f"run-config key {key!r}: got {value!r}; expected an integer") from None
+        if isinstance(num, float):
+            if not num.is_integer():
+                raise ConfigError(f"run-config key {key!r}: got {value!r}; expected an integer")
+            num = int(num)
+        value = num
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"run-config key {key!r}: got {value!r}; expected a number")
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(
+                f"run-config key {key!r}: got {value!r}; expected a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"run-config key {key!r}: got {value!r}; expected a finite number")
+    elif typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"run-config key {key!r}: got {value!r}; expected a string")
+        return value
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta.get("low_open") and value == low)):
+        op = ">" if meta.get("low_open") else ">="
+        raise ConfigError(f"run-config key {key!r}: got {value!r}; must be {op} {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"run-config key {key!r}: got {value!r}; must be <= {high}")
+    return value

@@ -1,0 +1,65 @@
+"""Byte ledger: every message a strategy sends or receives, measured as Flower serializes it.
+
+The size of a message is the sum of its inflatable objects' serialized lengths (message
+header, RecordDict, each record and each array) -- what Flower puts on the wire, not
+``numel * 4``. ``uplink_none_bytes`` is the same measure taken on the plain-float32
+version of each train reply (the reply handed to the wrapped strategy), so the uplink ratio
+compares like with like and is exactly 1.0 for ``uplink=none``.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Message, MessageType
+
+from fedslim.flower_io import message_bytes
+from fedslim.report import CommReport, NodeBytes
+
+
+class ByteLedger:
+    """Accumulates one round's :class:`~fedslim.report.CommReport`."""
+
+    def __init__(self) -> None:
+        self.report = CommReport()
+
+    def reset(self) -> None:
+        self.report = CommReport()
+
+    def _node(self, node: int) -> NodeBytes:
+        return self.report.per_node.setdefault(str(node), NodeBytes())
+
+    def sent(self, msg: Message, kind: str) -> int:
+        """Count an instruction; ``kind`` is ``full``, ``delta`` or ``current``."""
+        size = message_bytes(msg)
+        r = self.report
+        if msg.metadata.message_type == MessageType.TRAIN:
+            r.downlink_bytes += size
+        else:
+            r.downlink_eval_bytes += size
+        r.full_model_messages += kind == "full"
+        r.delta_messages += kind == "delta"
+        r.current_messages += kind == "current"
+        self._node(msg.metadata.dst_node_id).downlink_bytes += size
+        return size
+
+    def received(self, msg: Message) -> int:
+        """Count a reply (train or evaluate, accepted or not)."""
+        size = message_bytes(msg)
+        if msg.metadata.message_type == MessageType.TRAIN:
+            self.report.uplink_bytes += size
+        else:
+            self.report.uplink_eval_bytes += size
+        self._node(msg.metadata.src_node_id).uplink_bytes += size
+        return size
+
+    def plain_equivalent(self, size: int) -> None:
+        """Add the size a train reply would have had with plain float32 arrays."""
+        self.report.uplink_none_bytes += size
+
+    def timing(self, encode_seconds: float = 0.0, decode_seconds: float = 0.0) -> None:
+        self.report.encode_seconds += encode_seconds
+        self.report.decode_seconds += decode_seconds
+
+    def close(self) -> CommReport:
+        r = self.report
+        r.uplink_ratio = r.uplink_none_bytes / r.uplink_bytes if r.uplink_bytes else None
+        return r

@@ -1,0 +1,172 @@
+"""Uplink decoding: one untrusted train reply in, validated plain weights out (or a reject).
+
+Everything a client sends is checked against what the server expects before it is used:
+
+* the reply's header (:class:`~fedslim.protocol.UplinkHeader`) must answer *this* message:
+  same stream, version and round, and a CRC equal to the server's copy of the global;
+* a payload is decoded against the model's size (``max_elements`` = the model's float
+  element count, so a hostile header cannot make the server allocate more) and must use
+  the pipeline the server asked for this round;
+* names, shapes and values (finite) must match the global model;
+* ``num-examples`` must be a positive finite number.
+
+The result is the reply as the wrapped strategy wants it: ``arrays`` = base + update as
+plain float32 arrays (integer buffers are the server's own), the client's metrics as sent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+from flwr.app import Message, MetricRecord, RecordDict
+
+from fedslim.compression import PipelineSpec, decode_update
+from fedslim.errors import UpdateRejected
+from fedslim.flower_io import payload_from_record, state_record, to_state
+from fedslim.protocol import NUM_EXAMPLES, PARTITION_ID, PAYLOAD, UP, UplinkHeader
+from fedslim.strategies.aggregate import State, float_keys, validate_update
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a train reply must answer."""
+
+    stream: int
+    version: int
+    server_round: int
+    crc: int
+    arrays_key: str
+    spec: PipelineSpec          # the pipeline asked for this round
+    framed: bool                # the server sent a header: the reply must carry one
+
+
+@dataclass
+class Decoded:
+    content: RecordDict         # plain reply content for the wrapped strategy
+    weight: float
+    encode_seconds: float
+    decode_seconds: float
+
+
+def check_weight(metrics: MetricRecord | None, who: str, allow_zero: bool = False) -> float:
+    """The reply's ``num-examples`` as a positive (or, if allowed, zero) finite float."""
+    if metrics is None or NUM_EXAMPLES not in metrics:
+        raise UpdateRejected(f"{who}: reply has no MetricRecord with {NUM_EXAMPLES!r}")
+    value = metrics[NUM_EXAMPLES]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UpdateRejected(f"{who}: {NUM_EXAMPLES} is {str(value)[:40]!r}, expected a number")
+    if not math.isfinite(float(value)) or value < 0 or (value == 0 and not allow_zero):
+        raise UpdateRejected(f"{who}: {NUM_EXAMPLES} is {value}, expected a positive finite "
+                             "number")
+    return float(value)
+
+
+def partition_of(msg: Message) -> int | None:
+    """The ``partition-id`` a reply reports, if it is a sane integer (else None)."""
+    if msg.has_error():
+        return None
+    for rec in msg.content.metric_records.values():
+        value = rec.get(PARTITION_ID)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 31:
+            return value
+    return None
+
+
+def reply_order(msg: Message) -> tuple[int, int]:
+    """Sort key that makes aggregation order independent of arrival order."""
+    part = partition_of(msg)
+    return (part if part is not None else 1 << 31, msg.metadata.src_node_id)
+
+
+def _metrics(content: RecordDict, who: str) -> MetricRecord:
+    recs = list(content.metric_records.values())
+    if len(recs) != 1:
+        raise UpdateRejected(f"{who}: reply must carry exactly one MetricRecord, has "
+                             f"{len(recs)}")
+    return recs[0]
+
+
+class UplinkDecoder:
+    """Decodes and validates train replies against the current global model."""
+
+    def decode(self, msg: Message, base: State, exp: Expected) -> Decoded:
+        who = f"node {msg.metadata.src_node_id}"
+        content = msg.content
+        weight = check_weight(_metrics(content, who), who)
+        t0 = time.perf_counter()
+        encode_seconds = 0.0
+        header_rec = content.config_records.get(UP)
+        if header_rec is None and exp.framed:
+            raise UpdateRejected(f"{who}: reply lacks the {UP!r} header; add "
+                                 "fedslim.client.compression_mod to the ClientApp's mods")
+        if header_rec is not None:
+            header = UplinkHeader.from_record(header_rec, who)
+            self._check_binding(header, exp, who)
+            encode_seconds = header.encode_seconds
+        out = RecordDict({k: v for k, v in content.items() if k not in (UP, PAYLOAD)})
+        if exp.spec.is_identity:  # plain arrays: validated, passed on as the client sent them
+            self._plain(content, base, exp.arrays_key, who)
+        else:
+            out[exp.arrays_key] = state_record(self._payload(content, base, exp.spec, who))
+        return Decoded(content=out, weight=weight, encode_seconds=encode_seconds,
+                       decode_seconds=time.perf_counter() - t0)
+
+    @staticmethod
+    def _check_binding(h: UplinkHeader, exp: Expected, who: str) -> None:
+        if (h.stream, h.version, h.server_round) != (exp.stream, exp.version,
+                                                     exp.server_round):
+            raise UpdateRejected(
+                f"{who}: reply answers stream {h.stream} version {h.version} round "
+                f"{h.server_round}, not this round's ({exp.stream}, {exp.version}, "
+                f"{exp.server_round}): stale or replayed")
+        if h.global_crc != exp.crc:
+            raise UpdateRejected(f"{who}: its copy of the global model differs from the "
+                                 f"server's (crc {h.global_crc} != {exp.crc})")
+        if h.arrays_key != exp.arrays_key:
+            raise UpdateRejected(f"{who}: header names arrays record {h.arrays_key!r}, "
+                                 f"expected {exp.arrays_key!r}")
+
+    @staticmethod
+    def _plain(content: RecordDict, base: State, key: str, who: str) -> None:
+        records = content.array_records
+        if key not in records:
+            raise UpdateRejected(f"{who}: reply has no ArrayRecord {key!r} (has "
+                                 f"{sorted(records)[:5]})")
+        try:
+            local = to_state(records[key])
+        except Exception as exc:
+            raise UpdateRejected(f"{who}: {exc}") from None
+        expected = {k: tuple(v.shape) for k, v in base.items()}
+        missing, extra = sorted(set(expected) - set(local)), sorted(set(local) - set(expected))
+        if missing or extra:
+            raise UpdateRejected(f"{who}: parameter names differ from the server's model "
+                                 f"(missing {missing[:5]}, unexpected {extra[:5]}); client "
+                                 "and server must build the same model")
+        fkeys = float_keys(base)
+        validate_update({k: local[k] for k in fkeys},
+                        {k: expected[k] for k in fkeys}, who)
+        for k in base:
+            if k not in fkeys and tuple(local[k].shape) != expected[k]:
+                raise UpdateRejected(f"{who}: tensor {k!r} has shape {tuple(local[k].shape)}, "
+                                     f"expected {expected[k]}")
+
+    @staticmethod
+    def _payload(content: RecordDict, base: State, spec: PipelineSpec, who: str) -> State:
+        if PAYLOAD not in content.array_records:
+            raise UpdateRejected(f"{who}: reply has no {PAYLOAD!r} record (uplink={spec})")
+        payload = payload_from_record(content.array_records[PAYLOAD], who)
+        fkeys = float_keys(base)
+        limit = sum(base[k].numel() for k in fkeys)
+        decoded = decode_update(payload, max_elements=max(limit, 1))
+        if decoded.spec != spec:
+            raise UpdateRejected(f"{who}: payload uses pipeline {str(decoded.spec)!r}, the "
+                                 f"server asked for {str(spec)!r}")
+        update = decoded.tensors
+        validate_update(update, {k: tuple(base[k].shape) for k in fkeys}, who)
+        return {k: base[k] + update[k] if k in update else base[k] for k in base}
+
+
+__all__ = ["Decoded", "Expected", "UplinkDecoder", "check_weight", "partition_of",
+           "reply_order"]
