@@ -1,32 +1,56 @@
 """The ``fedslim`` command: run simulations, print the configuration reference, benchmark.
 
-    fedslim simulate --num-clients 10 --rounds 20 --partition dirichlet --alpha 0.5
+    fedslim simulate --num-clients 10 --rounds 20 --partitioning dirichlet --dirichlet-alpha 0.5
     fedslim config --format markdown
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
+import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-from fedslim.config import key_table, parse_cli_overrides, parse_run_config
+from fedslim.config import RunConfig, key_table, parse_cli_overrides, parse_run_config
+from fedslim.console import FRAMEWORK_LOG, framework_logs
+from fedslim.deploy.processes import TAG_ENV, tagged_processes
 from fedslim.errors import FedslimError
-from fedslim.protocol import MODEL_FILE, RESULTS_FILE
+from fedslim.preflight import check_data_dir, check_federation_size, check_output_dir
+from fedslim.protocol import RESULTS_FILE
 from fedslim.report import ResultsError, load_results
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="fedslim: communication-efficient federated training on Flower.")
 
 
-def simulation_backend_config(num_cpus_per_client: float, gpus_per_client: float
-                              ) -> dict[str, Any]:
+def simulation_backend_config(num_cpus_per_client: float, gpus_per_client: float,
+                              verbose: bool = False) -> dict[str, Any]:
+    init_args: dict[str, Any] = {"num_cpus": os.cpu_count() or 1}
+    if not verbose:  # Ray's own start-up chatter and its workers' output stay off the console
+        init_args.update({"logging_level": "ERROR", "log_to_driver": False})
     return {"client_resources": {"num_cpus": num_cpus_per_client,
                                  "num_gpus": gpus_per_client},
-            "init_args": {"num_cpus": os.cpu_count() or 1}}
+            "init_args": init_args}
+
+
+def prepare_simulation(overrides: dict[str, Any], num_clients: int
+                       ) -> tuple[RunConfig, Path, str | None]:
+    """Every check that can fail on user input, before anything starts.
+
+    Returns the parsed config, the (created) output directory and a notice, if any.
+    Raises ConfigError naming the key or flag.
+    """
+    cfg = parse_run_config(overrides=overrides)
+    check_federation_size(cfg, num_clients)
+    check_data_dir(cfg)
+    outdir, notice = check_output_dir(cfg)
+    return cfg, outdir, notice
 
 
 def run_simulation_with(overrides: dict[str, Any], num_clients: int,
@@ -37,53 +61,169 @@ def run_simulation_with(overrides: dict[str, Any], num_clients: int,
     Returns the output directory. Raises ConfigError before anything starts if the
     overrides are invalid.
     """
-    from flwr.simulation import run_simulation
+    cfg, outdir, _ = prepare_simulation(overrides, num_clients)
+    _run(cfg, overrides, num_clients, cpus_per_client, gpus_per_client, outdir)
+    return outdir
 
-    from fedslim.client.app import make_client_app
-    from fedslim.server.app import make_server_app
 
-    cfg = parse_run_config(overrides=overrides)  # validate early, with a clear error
-    run_simulation(
-        server_app=make_server_app(overrides), client_app=make_client_app(overrides),
-        num_supernodes=num_clients,
-        backend_config=simulation_backend_config(cpus_per_client, gpus_per_client),
-    )
-    return Path(cfg.fed.output_dir).expanduser().resolve()
+def _run(cfg: RunConfig, overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
+         gpus_per_client: float, outdir: Path) -> None:
+    # Ray's "will no longer override accelerator env vars" FutureWarning: opt in to the
+    # future behaviour (nothing is lent a GPU unless asked) and keep the console quiet.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    with framework_logs(outdir / FRAMEWORK_LOG, cfg.fed.verbose):
+        from flwr.simulation import run_simulation
+
+        from fedslim.client.app import make_client_app
+        from fedslim.server.app import make_server_app
+
+        run_simulation(
+            server_app=make_server_app(overrides), client_app=make_client_app(overrides),
+            num_supernodes=num_clients,
+            backend_config=simulation_backend_config(
+                cpus_per_client, gpus_per_client, cfg.fed.verbose))
+
+
+def _interrupted(tag: str, outdir: Path) -> NoReturn:
+    """Ctrl-C / SIGTERM: stop every process this run started, say so, exit 130.
+
+    The ServerApp runs in a thread of this process that cannot be joined while it waits
+    for replies, so the process ends with ``os._exit``; nothing is lost: results.json and
+    the checkpoint are rewritten atomically after every round.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    err = os.dup(2)  # threads of Ray and Flower complain as their peers die: not to the user
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    left = tagged_processes(tag)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 3
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = tagged_processes(tag)
+    os.write(err, f"interrupted: the simulation was stopped; completed rounds are in "
+                  f"{outdir / RESULTS_FILE} (continue with -c resume=true)\n".encode())
+    os._exit(130)
+
+
+def _error(message: str, code: int) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
 
 
 @cli.command()
 def simulate(
     num_clients: Annotated[int, typer.Option(help="Number of simulated SuperNodes.")] = 10,
     rounds: Annotated[int | None, typer.Option(help="num-server-rounds")] = None,
-    partition: Annotated[str | None, typer.Option(help="iid | dirichlet | pathological")] = None,
-    alpha: Annotated[float | None, typer.Option(help="dirichlet-alpha")] = None,
+    partitioning: Annotated[str | None, typer.Option(
+        help="partitioning: iid | dirichlet | pathological")] = None,
+    dirichlet_alpha: Annotated[float | None, typer.Option(help="dirichlet-alpha")] = None,
     output_dir: Annotated[str | None, typer.Option(help="output-dir")] = None,
     run_config: Annotated[list[str] | None, typer.Option(
         "--run-config", "-c", help="key=value run-config override (repeatable)")] = None,
     cpus_per_client: Annotated[float, typer.Option(help="Ray CPUs per client")] = 1.0,
     gpus_per_client: Annotated[float, typer.Option(help="Ray GPU share per client")] = 0.0,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", help="Show Flower's and Ray's logs (default: <output-dir>/flower.log)")
+    ] = False,
 ) -> None:
-    """Run a federation in Flower's simulation engine and print where results went."""
-    overrides: dict[str, Any] = parse_cli_overrides(run_config)
-    for key, value in (("num-server-rounds", rounds), ("partitioning", partition),
-                       ("dirichlet-alpha", alpha), ("output-dir", output_dir)):
-        if value is not None:
-            overrides[key] = value
+    """Run a federation in Flower's simulation engine: one line per round, then a summary."""
     try:
-        outdir = run_simulation_with(overrides, num_clients, cpus_per_client, gpus_per_client)
+        overrides: dict[str, Any] = parse_cli_overrides(run_config)
+        for key, value in (("num-server-rounds", rounds), ("partitioning", partitioning),
+                           ("dirichlet-alpha", dirichlet_alpha), ("output-dir", output_dir)):
+            if value is not None:
+                overrides[key] = value
+        if verbose:
+            overrides["verbose"] = True
+        cfg, outdir, notice = prepare_simulation(overrides, num_clients)
     except FedslimError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        _error(str(exc), 2)
+    if notice:
+        typer.secho(notice, fg=typer.colors.YELLOW, err=True)
+    tag = f"fedslim-simulate-{os.getpid()}-{time.time_ns()}"
+    os.environ[TAG_ENV] = tag  # every process Ray starts inherits it: how we find them
+    # The handler stops everything itself: a KeyboardInterrupt raised inside Flower's
+    # simulation loop leaves its ServerApp thread waiting and the process hanging.
+    # (Ray installs its own SIGTERM handler when it starts; SIGINT stays ours.)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: _interrupted(tag, outdir))
+    try:
+        _run(cfg, overrides, num_clients, cpus_per_client, gpus_per_client, outdir)
+    except FedslimError as exc:
+        _error(str(exc), 1)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM
+                          else signal.default_int_handler)
+    _report(outdir, cfg.fed.progress)
+
+
+def _report(outdir: Path, progress: bool) -> None:
     try:
         res = load_results(outdir)
     except ResultsError as exc:
-        typer.secho(f"error: the run ended without valid results: {exc}", fg=typer.colors.RED,
-                    err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"results: {outdir / RESULTS_FILE}")
-    typer.echo(f"model:   {outdir / MODEL_FILE}")
-    if res.final is not None:
-        typer.echo(f"final test accuracy: {res.final.test_accuracy:.4f}")
+        _error(f"the run ended without valid results: {exc}", 1)
+    final = res.final
+    if final is None:
+        _error(f"the run ended before its final results; see {outdir / FRAMEWORK_LOG}", 1)
+    if final.error:
+        _error(f"{final.error}; results in {outdir / RESULTS_FILE}", 1)
+    if not progress:  # the ServerApp printed nothing: one line here
+        typer.echo(f"done: test accuracy {final.test_accuracy:.4f}; results in "
+                   f"{outdir / RESULTS_FILE}")
+
+
+def _typed(value: str) -> bool | int | float | str:
+    """A ``-c`` value as TOML would type it (``5`` -> 5, ``true`` -> True, else text)."""
+    import tomllib
+
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+    return parsed if isinstance(parsed, bool | int | float | str) else value
+
+
+@cli.command("run-app")
+def run_app(
+    app_dir: Annotated[Path, typer.Argument(help="Flower app directory (with pyproject.toml)")
+                       ] = Path("."),
+    num_supernodes: Annotated[int, typer.Option(help="Simulated SuperNodes.")] = 10,
+    run_config: Annotated[list[str] | None, typer.Option(
+        "--run-config", "-c", help="key=value run-config override (repeatable)")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds for the whole run.")] = 3600.0,
+) -> None:
+    """`flwr run` an app in simulation on a SuperLink that fedslim starts and stops.
+
+    Flower's default `local` connection leaves a SuperLink running in the background on
+    127.0.0.1:39091 after `flwr run` returns; this command starts its own on a free port
+    (with a throw-away FLWR_HOME), prints the run's output as it comes, and stops that
+    SuperLink and everything it started when the run ends, fails or is interrupted.
+    """
+    import tempfile
+
+    from fedslim.deploy.simulation import LocalSimulation
+
+    if num_supernodes < 1:
+        _error(f"--num-supernodes={num_supernodes}: needs at least 1", 2)
+    if not (app_dir / "pyproject.toml").is_file():
+        _error(f"APP_DIR {str(app_dir)!r} has no pyproject.toml: not a Flower app", 2)
+    try:
+        overrides = {k: _typed(v) for k, v in parse_cli_overrides(run_config).items()}
+        with tempfile.TemporaryDirectory(prefix="fedslim-run-app-") as tmp, \
+                LocalSimulation(Path(tmp)) as sim:
+            sim.run(app_dir, overrides, num_supernodes=num_supernodes, timeout=timeout,
+                    echo=True)
+    except FedslimError as exc:
+        _error(str(exc), 1)
+    except KeyboardInterrupt:  # the with-blocks above have stopped every process
+        _error("interrupted; the SuperLink and the run were stopped", 130)
 
 
 @cli.command("config")

@@ -169,6 +169,9 @@ class FederationConfig:
         "min-available-nodes", "Nodes that must be connected before round 1.", low=1))
     round_timeout: float = field(default=3600.0, metadata=key(
         "round-timeout", "Seconds to wait for replies in a round.", low=0.0, low_open=True))
+    node_timeout: float = field(default=300.0, metadata=key(
+        "node-timeout", "Seconds to wait for `min-available-nodes` connected nodes before "
+        "a round; the run ends with an error after that.", low=0.0, low_open=True))
     seed: int = field(default=42, metadata=key(
         "seed", "Seed for splits, partitions, initial model, client shuffling.", low=0))
     output_dir: str = field(default="outputs/fedslim", metadata=key(
@@ -177,7 +180,10 @@ class FederationConfig:
     resume: bool = field(default=False, metadata=key(
         "resume", "Continue from the last complete checkpoint in output-dir."))
     progress: bool = field(default=True, metadata=key(
-        "progress", "Print a rich per-round progress line."))
+        "progress", "Print one progress line per round and a summary at the end."))
+    verbose: bool = field(default=False, metadata=key(
+        "verbose", "Show Flower's and Ray's log lines on the console (otherwise they go "
+        "to `output-dir`/flower.log)."))
     proximal_mu: float = field(default=0.01, metadata=key(
         "proximal-mu", "FedProx proximal term weight (`strategy=fedprox`; the client adds "
         "mu/2 * ||w - w_global||^2 to its loss when the server sends `proximal-mu`).",

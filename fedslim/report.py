@@ -141,6 +141,7 @@ class RoundReport:
     central: Central | None = None
     train: dict[str, float] = field(default_factory=dict)
     federated_evaluate: dict[str, float] = field(default_factory=dict)
+    aggregated: bool = False         # the round produced a new global model
     replies: int = 0                 # train replies aggregated
     failures: int = 0                # train replies rejected or failed
     evaluate_replies: int = 0
@@ -175,8 +176,10 @@ class FinalReport:
     fl_seconds: float
     model_file: str
     model_file_bytes: int
+    rounds_aggregated: int = 0
     comm: CommTotals | None = None
     student: StudentReport | None = None
+    error: str | None = None         # set when the run ended without a usable model
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,53 +85,83 @@ def summarize(rows: list[dict[str, Any]], min_ratio: float) -> list[dict[str, An
     return out
 
 
-def plot(rows: list[dict[str, Any]], summary: list[dict[str, Any]], out: Path) -> None:
+def plot(rows: list[dict[str, Any]], summary: list[dict[str, Any]], out: Path,
+         seeds: list[int]) -> None:
+    """frontier.png (mean over ``seeds``) and curves.png (one seed, named in the title).
+
+    Points carry numbers and a legend below the axes, so labels never overlap or get cut.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in summary:
-        ax.scatter(s["uplink_ratio"], 100 * s["test"], s=60 if s["selected"] else 30,
-                   marker="*" if s["selected"] else "o")
-        ax.annotate(s["setting"], (s["uplink_ratio"], 100 * s["test"]), fontsize=7,
-                    xytext=(4, 2), textcoords="offset points")
+    markers = "os^vD<>ph*"
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    for i, s in enumerate(summary):
+        ax.scatter(s["uplink_ratio"], 100 * s["test"], s=90 if s["selected"] else 45,
+                   marker="*" if s["selected"] else markers[i % len(markers)],
+                   label=f"{i + 1}. {s['setting']}" + ("  (selected on val)" if s["selected"]
+                                                        else ""), zorder=3)
+        ax.annotate(str(i + 1), (s["uplink_ratio"], 100 * s["test"]), fontsize=8,
+                    xytext=(5, 4), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("uplink reduction vs none (x, serialized bytes)")
     ax.set_ylabel("final central test accuracy (%)")
-    ax.set_title("fedslim: uplink bytes vs accuracy (digits, Dirichlet 0.5)")
+    ax.set_title(f"uplink bytes vs accuracy (digits, Dirichlet 0.5; mean of seeds {seeds})",
+                 fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
+              frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "frontier.png", dpi=120)
+    fig.savefig(out / "frontier.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 6.5))
     for r in rows:
-        if r["seed"] != rows[0]["seed"]:
+        if r["seed"] != seeds[0]:
             continue
         xs = [c[0] / 1e6 for c in r["curve"]]
         ax.plot(xs, [100 * c[1] for c in r["curve"]], label=r["setting"], lw=1.2)
     ax.set_xscale("log")
     ax.set_xlabel("cumulative uplink (MB, all clients)")
     ax.set_ylabel("central test accuracy (%)")
-    ax.legend(fontsize=7)
+    ax.set_title(f"accuracy vs cumulative uplink, seed {seeds[0]} only", fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
+              frameon=False)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
+    fig.savefig(out / "curves.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
+def _settings_help() -> str:
+    rows = [f"  {name!r}: " + (" ".join(f"{k}={v}" for k, v in ov.items()) or "defaults")
+            for name, ov in SETTINGS.items()]
+    return "settings (name: run-config overrides; every other key at its default):\n" + \
+        "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--num-clients", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--seeds", type=int, nargs="+", default=[42])
-    p.add_argument("--settings", nargs="*", default=None, help="subset of setting names")
-    p.add_argument("--min-ratio", type=float, default=100.0)
-    p.add_argument("-c", "--run-config", action="append", default=[])
-    p.add_argument("--out", type=Path, default=Path("outputs/bench_comm"))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=_settings_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-clients", type=int, default=10, help="default: %(default)s")
+    p.add_argument("--rounds", type=int, default=20, help="default: %(default)s")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42], help="default: %(default)s")
+    p.add_argument("--settings", nargs="*", default=None,
+                   help="names of the settings to run (default: all, listed below)")
+    p.add_argument("--min-ratio", type=float, default=100.0,
+                   help="selection: best val accuracy among settings with at least this "
+                   "uplink reduction (default: %(default)s)")
+    p.add_argument("-c", "--run-config", action="append", default=[],
+                   help="key=value applied to every setting")
+    p.add_argument("--out", type=Path, default=Path("outputs/bench_comm"),
+                   help="default: %(default)s")
     args = p.parse_args(argv)
     names = args.settings or list(SETTINGS)
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        print(f"error: unknown setting(s) {unknown}; known: {list(SETTINGS)}", file=sys.stderr)
+        raise SystemExit(2)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with Progress() as progress:
@@ -150,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                            extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    plot(rows, summary, args.out)
+    plot(rows, summary, args.out, args.seeds)
     table = Table(title=f"{args.num_clients} clients, {args.rounds} rounds, seeds "
                         f"{args.seeds} (selection on val, ratio >= {args.min_ratio})")
     for col in ("setting", "uplink x", "uplink MB", "val acc", "test acc", "test - none (pp)",

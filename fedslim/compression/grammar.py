@@ -115,20 +115,28 @@ def _enum(stage: str, key: str, cls: type[_E], text: str | None, default: _E) ->
 
 
 def _parse_topk(a: _Args) -> TopKConfig:
-    amount = a.first("fraction or count", required=True) or ""
+    count_text = a.key("k")
+    amount = a.first("fraction or count", required=count_text is None)
     fraction: float | None = None
     count: int | None = None
-    if _INT.match(amount):
-        count = int(amount)
-    elif amount.endswith("%"):
+    if count_text is not None:
+        if amount is not None:
+            raise SpecError(f"stage {a.stage!r}: give a fraction or k=<count>, not both")
+        count = _int(a.stage, "k (values kept per tensor)", count_text)
+    elif amount is not None and _INT.match(amount):
+        # 'topk:2' once meant "keep 2 values"; people wrote it meaning 2%. Refuse to guess.
+        raise SpecError(f"topk:{amount} is ambiguous: write topk:{amount}% (keep {amount}% = "
+                        f"fraction {int(amount) / 100:g}), topk:{int(amount) / 100:g}, or "
+                        f"topk:k={amount} (keep {amount} values per tensor)")
+    elif amount is not None and amount.endswith("%"):
         fraction = _float(a.stage, "percentage", amount[:-1]) / 100.0
     else:
-        fraction = _float(a.stage, "fraction", amount)
+        fraction = _float(a.stage, "fraction", amount or "")
     mode = _enum(a.stage, "mode", SelectMode, a.key("mode"), SelectMode.EXACT)
     scope = _enum(a.stage, "scope", Scope, a.key("scope"), Scope.TENSOR)
     tol_text = a.key("tol")
     tol = DEFAULT_SAMPLED_TOL if tol_text is None else _float(a.stage, "tol", tol_text)
-    a.done(("mode", "scope", "tol"))
+    a.done(("k", "mode", "scope", "tol"))
     return TopKConfig(fraction=fraction, count=count, mode=mode, scope=scope, tol=tol)
 
 

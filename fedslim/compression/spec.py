@@ -113,8 +113,8 @@ class TopKConfig:
 
     def __post_init__(self) -> None:
         if (self.fraction is None) == (self.count is None):
-            raise SpecError("topk needs exactly one of a fraction (e.g. 0.01) or a count "
-                            "(e.g. 100)")
+            raise SpecError("topk needs exactly one of a fraction (e.g. 0.01 or 1%) or a "
+                            "count (e.g. k=100)")
         if self.fraction is not None and not (0.0 < self.fraction <= 1.0):
             raise SpecError(f"topk fraction must be in (0, 1], got {self.fraction!r}")
         if self.count is not None and self.count < 1:
@@ -143,7 +143,8 @@ class TopKConfig:
         return StageProperties(False, False, self.mode is SelectMode.EXACT)
 
     def __str__(self) -> str:
-        amount = str(self.count) if self.count is not None else _fmt_float(self.fraction or 0.0)
+        amount = (f"k={self.count}" if self.count is not None
+                  else _fmt_float(self.fraction or 0.0))
         parts = [amount]
         if self.mode is not SelectMode.EXACT:
             parts.append(f"mode={self.mode.value}")

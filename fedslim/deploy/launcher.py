@@ -38,8 +38,9 @@ from rich.console import Console
 
 from fedslim.config import RunConfig, parse_run_config
 from fedslim.deploy.processes import DeployError, ProcessSet, free_ports, tail
+from fedslim.preflight import check_data_dir, check_federation_size, check_output_dir
 from fedslim.protocol import RESULTS_FILE
-from fedslim.report import ResultsError, RunResults, load_results
+from fedslim.report import ResultsError, RoundReport, RunResults, load_results
 
 __all__ = ["CONNECTION", "DeployError", "LocalDeployment", "default_app_dir",
            "run_local_deployment"]
@@ -246,9 +247,14 @@ class LocalDeployment:
             "--run-config", str(config_file), "--stream"])
         run_id: str | None = None
         ended_at: float | None = None
+        shown = 0  # rounds already printed
         with self.console.status("submitting the run") as status:
             while True:
                 res = _read_results(results, stale)
+                for report in (res.rounds[shown:] if res is not None else []):
+                    assert res is not None
+                    self.console.print(_round_line(report, res), soft_wrap=True)
+                    shown += 1
                 if res is not None and res.final is not None:
                     self.timings["run"] = time.monotonic() - t0
                     self.console.print(f"[green]run {run_id} finished[/green] in "
@@ -257,6 +263,7 @@ class LocalDeployment:
                 self.procs.check_alive(longrunning)
                 run_id = run_id or _run_id(flwr_run.log)
                 status.update(_progress(run_id, res))
+
                 code = flwr_run.exited()
                 if code not in (None, 0):
                     raise DeployError(f"`flwr run` exited with code {code}; see its log "
@@ -318,6 +325,14 @@ def _run_id(log: Path) -> str | None:
     return match.group(1) if match else None
 
 
+def _round_line(report: RoundReport, res: RunResults) -> str:
+    total = res.config.get("num-server-rounds", "?")
+    acc = f" | acc {report.central.test.accuracy:.4f}" if report.central else ""
+    up = f" | up {report.comm.uplink_bytes / 1e6:.3f} MB" if report.comm else ""
+    rejected = f" | {len(report.rejects)} rejected" if report.rejects else ""
+    return f"round {report.round:>3}/{total}{acc}{up}{rejected} | {report.round_seconds:.2f}s"
+
+
 def _progress(run_id: str | None, res: RunResults | None) -> str:
     if run_id is None:
         return "submitting the run"
@@ -361,12 +376,9 @@ def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
         and its log file. Every started process is stopped before this propagates.
     """
     cfg, send = resolve_run_config(run_config)
-    if num_clients < max(cfg.fed.min_available_nodes, cfg.fed.min_train_nodes):
-        raise DeployError(
-            f"num_clients={num_clients} is below min-available-nodes="
-            f"{cfg.fed.min_available_nodes} / min-train-nodes={cfg.fed.min_train_nodes}: "
-            "the ServerApp would wait forever; lower them with -c min-available-nodes=... "
-            "-c min-train-nodes=...")
+    check_federation_size(cfg, num_clients)
+    check_data_dir(cfg)
+    check_output_dir(cfg)
     results = Path(str(send["output-dir"])) / RESULTS_FILE
     deadline = time.monotonic() + timeout
     dep = LocalDeployment(num_clients, workdir)

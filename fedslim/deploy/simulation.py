@@ -13,7 +13,7 @@ everything it spawns are stopped when the ``with`` block ends), and a throw-away
 
 from __future__ import annotations
 
-import subprocess
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,26 +50,46 @@ class LocalSimulation(LocalDeployment):
         self._wait_for_health(deadline)
 
     def run(self, app_dir: Path, run_config: Mapping[str, PathValue],  # type: ignore[override]
-            num_supernodes: int, timeout: float = 600) -> str:
+            num_supernodes: int, timeout: float = 600, echo: bool = False) -> str:
         """``flwr run`` the app in simulation with ``num_supernodes`` nodes; wait for its end.
 
-        Returns the command's output. Raises :class:`DeployError` if it fails or times out.
+        Returns the command's output (also in ``logs/flwr-run.log``; printed as it comes
+        with ``echo``). Raises :class:`DeployError` if it fails or times out.
         """
         config_file = self.workdir / "run-config.toml"
         config_file.write_text(tomli_w.dumps(dict(run_config)))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         cmd = [_executable("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION,
                "--run-config", str(config_file), "--federation-config",
                f"num-supernodes={num_supernodes}", "--stream"]
-        log = self.log_dir / "flwr-run.log"
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as fh:
-            try:
-                proc = subprocess.run(cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                      timeout=timeout, cwd=self.workdir)
-            except subprocess.TimeoutExpired:
+        flwr_run = self.procs.start("flwr-run", cmd)
+        deadline = time.monotonic() + timeout
+        printed = 0
+        while (code := flwr_run.exited()) is None:
+            if echo:
+                printed = _echo_new(flwr_run.log, printed)
+            if time.monotonic() > deadline:
                 raise DeployError(f"`flwr run` did not finish within {timeout:.0f}s; log: "
-                                  f"{log}\n{tail(log)}") from None
-        if proc.returncode != 0:
-            raise DeployError(f"`flwr run` exited with code {proc.returncode}; log: {log}\n"
-                              f"{tail(log)}")
-        return log.read_text(errors="replace")
+                                  f"{flwr_run.log}\n{tail(flwr_run.log)}")
+            time.sleep(0.2)
+        if echo:
+            _echo_new(flwr_run.log, printed)
+        if code != 0:
+            raise DeployError(f"`flwr run` exited with code {code}; log: {flwr_run.log}\n"
+                              f"{tail(flwr_run.log)}")
+        return flwr_run.log.read_text(errors="replace")
+
+
+def _echo_new(log: Path, printed: int) -> int:
+    """Print what ``log`` gained since byte ``printed``; return the new offset."""
+    try:
+        with open(log, "rb") as fh:
+            fh.seek(printed)
+            data = fh.read()
+    except OSError:
+        return printed
+    end = data.rfind(b"\n") + 1  # whole lines only
+    if end:
+        sys.stdout.write(data[:end].decode(errors="replace"))
+        sys.stdout.flush()
+    return printed + end

@@ -26,7 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedslim.config import RunConfig, parse_run_config
-from fedslim.errors import CheckpointError
+from fedslim.console import FRAMEWORK_LOG, framework_logs
+from fedslim.errors import CheckpointError, FedslimError
 from fedslim.protocol import MODEL_FILE
 from fedslim.report import (
     Central,
@@ -43,13 +44,14 @@ from fedslim.server.storage import Checkpoint, load_checkpoint, save_checkpoint,
 from fedslim.strategies.compressed import Compressed
 from fedslim.strategies.distill import Distilled, Distiller
 from fedslim.strategies.registry import build_strategy
-from fedslim.strategies.wrapper import Offset, StrategyWrapper
+from fedslim.strategies.wrapper import NodeGuard, Offset, StrategyWrapper
 from fedslim.task.data import Splits, load_splits
 from fedslim.task.models import build_model, count_params
 from fedslim.task.train import evaluate, select_device
 
 # Keys that may differ between an interrupted run and its resumption.
-RESUME_FREE_KEYS = {"num-server-rounds", "resume", "output-dir", "progress", "round-timeout"}
+RESUME_FREE_KEYS = {"num-server-rounds", "resume", "output-dir", "progress", "round-timeout",
+                    "verbose", "node-timeout"}
 
 
 def initial_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
@@ -90,6 +92,7 @@ def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
         inner, uplink=cfg.comp.uplink, downlink=cfg.comp.downlink,
         error_feedback=cfg.comp.error_feedback, warmup_rounds=cfg.comp.warmup_rounds,
         seed=cfg.fed.seed, collector=collector)
+    strategy = NodeGuard(strategy, cfg.fed.min_available_nodes, cfg.fed.node_timeout)
     if round_offset:
         strategy = Offset(strategy, round_offset)
     return Stack(strategy=strategy, collector=collector, distiller=distiller)
@@ -107,6 +110,106 @@ def _history(ckpt: Checkpoint, start_round: int) -> list[RoundReport]:
             if h["round"] <= start_round]
 
 
+@dataclass
+class ServerRun:
+    """One ServerApp run: data, model, strategy stack, recorder; resumed if asked."""
+
+    cfg: RunConfig
+    outdir: Path
+    splits: Splits
+    device: torch.device
+    model: torch.nn.Module
+    stack: Stack
+    recorder: RunRecorder
+    start_round: int
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig, outdir: Path) -> ServerRun:
+        splits = load_splits(cfg.data, cfg.fed.seed)
+        device = select_device(cfg.train.device)
+        model = initial_model(cfg, splits)
+        start_round, history, strategy_state = 0, [], {}
+        ckpt = load_checkpoint(outdir) if cfg.fed.resume else None
+        if ckpt is not None:
+            _check_resumable(ckpt, cfg, outdir)
+            model.load_state_dict(ckpt.model)
+            start_round, strategy_state = ckpt.round, ckpt.strategy_state
+            history = _history(ckpt, start_round)
+        stack = build_stack(cfg, splits, device, round_offset=start_round)
+        stack.strategy.load_state_dict(strategy_state)
+        stack.collector.history = list(history)
+        recorder = RunRecorder(
+            outdir=outdir, config=cfg.to_flat(), total_rounds=cfg.fed.num_server_rounds,
+            history=history, progress=cfg.fed.progress,
+            resumed_from_round=start_round or None,
+            model={"name": cfg.train.model, "num_params": count_params(model)},
+            data={"clients_pool": len(splits.clients), "val": len(splits.val),
+                  "test": len(splits.test), "proxy": len(splits.proxy_x)})
+        return cls(cfg, outdir, splits, device, model, stack, recorder, start_round)
+
+    def central_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower's ``evaluate_fn``: evaluate, close the round, record and checkpoint it."""
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        central = _eval_metrics(self.model, self.splits, self.device)
+        metrics = MetricRecord({"test-accuracy": central.test.accuracy,
+                                "test-loss": central.test.loss,
+                                "val-accuracy": central.val.accuracy,
+                                "val-loss": central.val.loss})
+        if server_round == 0:
+            self.recorder.start_round_clock()
+            return metrics
+        report = self.stack.collector.close(central, self.recorder.round_seconds())
+        if report is None:  # nothing was reported for this round (cannot happen normally)
+            report = RoundReport(round=server_round + self.start_round, central=central)
+        self.recorder.record_round(report)
+        save_checkpoint(self.outdir, Checkpoint(
+            round=report.round,
+            model={k: v.clone() for k, v in self.model.state_dict().items()},
+            strategy_state=self.stack.strategy.state_dict(),
+            history=[dataclasses.asdict(h) for h in self.recorder.history],
+            config=self.recorder.config))
+        self.recorder.write()
+        return metrics
+
+    def run(self, grid: Grid) -> None:
+        remaining = self.cfg.fed.num_server_rounds - self.start_round
+        if remaining <= 0:
+            return
+        result = self.stack.strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(self.model.state_dict()),
+            num_rounds=remaining, timeout=self.cfg.fed.round_timeout,
+            train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
+            evaluate_fn=self.central_evaluate)
+        if len(result.arrays) > 0:  # empty when no round aggregated
+            self.model.load_state_dict(result.arrays.to_torch_state_dict())
+
+    def finish(self, fl_seconds: float, error: str | None = None) -> RunResults:
+        """Save the model (and student), write the final results, print the summary."""
+        cfg = self.cfg
+        state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        model_bytes = save_model(self.outdir / MODEL_FILE, state,
+                                 {"model": cfg.train.model, "fedslim": "global-model"})
+        central = _eval_metrics(self.model, self.splits, self.device)
+        history = self.recorder.history
+        final = FinalReport(
+            test_accuracy=central.test.accuracy, test_loss=central.test.loss,
+            val_accuracy=central.val.accuracy, val_loss=central.val.loss,
+            rounds_completed=len(history),
+            rounds_aggregated=sum(r.aggregated for r in history), fl_seconds=fl_seconds,
+            model_file=MODEL_FILE, model_file_bytes=model_bytes, comm=CommTotals.of(history))
+        if self.stack.distiller is not None:
+            final.student = self.stack.distiller.export(self.outdir,
+                                                        count_params(self.model))
+        final.error = error
+        if error is None and history and final.rounds_aggregated == 0:
+            final.error = ("no round aggregated: every train reply was rejected or failed "
+                           "(see rounds[i].rejects); the saved model is the initial one")
+        self.recorder.write(final)
+        if cfg.fed.progress:
+            self.recorder.print_summary(final)
+        return self.recorder.results(final)
+
+
 def run_server(grid: Grid, cfg: RunConfig) -> RunResults:
     """Run the whole federation; returns the final results (also in ``results.json``)."""
     outdir = Path(cfg.fed.output_dir).expanduser().resolve()
@@ -115,83 +218,17 @@ def run_server(grid: Grid, cfg: RunConfig) -> RunResults:
         # Flower's in-memory (simulation) grid polls for replies every 0.1 s, twice per
         # round; 10 ms removes most of that idle time at negligible CPU cost.
         grid.pull_interval = min(grid.pull_interval, 0.01)  # type: ignore[attr-defined]
-    splits = load_splits(cfg.data, cfg.fed.seed)
-    device = select_device(cfg.train.device)
-    model = initial_model(cfg, splits)
-    flat = cfg.to_flat()
-
-    start_round, history, strategy_state = 0, [], {}
-    if cfg.fed.resume:
-        ckpt = load_checkpoint(outdir)
-        if ckpt is not None:
-            _check_resumable(ckpt, cfg, outdir)
-            model.load_state_dict(ckpt.model)
-            start_round, strategy_state = ckpt.round, ckpt.strategy_state
-            history = _history(ckpt, start_round)
-    remaining = cfg.fed.num_server_rounds - start_round
-
-    stack = build_stack(cfg, splits, device, round_offset=start_round)
-    stack.strategy.load_state_dict(strategy_state)
-    stack.collector.history = list(history)
-    recorder = RunRecorder(
-        outdir=outdir, config=flat, total_rounds=cfg.fed.num_server_rounds, history=history,
-        progress=cfg.fed.progress,
-        resumed_from_round=start_round if cfg.fed.resume and start_round else None,
-        model={"name": cfg.train.model, "num_params": count_params(model)},
-        data={"clients_pool": len(splits.clients), "val": len(splits.val),
-              "test": len(splits.test), "proxy": len(splits.proxy_x)})
-    if cfg.fed.progress:
-        recorder.console.print(
-            f"[bold]fedslim[/bold]: {cfg.train.model} on {cfg.data.dataset.value}, "
-            f"{cfg.data.partitioning.value} partitions, strategy {cfg.fed.strategy}, "
-            f"rounds {start_round + 1}..{cfg.fed.num_server_rounds}, output {outdir}")
-
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        central = _eval_metrics(model, splits, device)
-        metrics = MetricRecord({"test-accuracy": central.test.accuracy,
-                                "test-loss": central.test.loss,
-                                "val-accuracy": central.val.accuracy,
-                                "val-loss": central.val.loss})
-        if server_round == 0:
-            recorder.start_round_clock()
-            return metrics
-        report = stack.collector.close(central, recorder.round_seconds())
-        if report is None:  # nothing was reported for this round (cannot happen normally)
-            report = RoundReport(round=server_round + start_round, central=central)
-        recorder.record_round(report)
-        save_checkpoint(outdir, Checkpoint(
-            round=report.round, model={k: v.clone() for k, v in model.state_dict().items()},
-            strategy_state=stack.strategy.state_dict(),
-            history=[dataclasses.asdict(h) for h in recorder.history], config=flat))
-        recorder.write()
-        return metrics
-
-    t0 = time.perf_counter()
-    if remaining > 0:
-        result = stack.strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining,
-            timeout=cfg.fed.round_timeout, train_config=ConfigRecord({}),
-            evaluate_config=ConfigRecord({}), evaluate_fn=central_evaluate)
-        if len(result.arrays) > 0:
-            model.load_state_dict(result.arrays.to_torch_state_dict())
-    final_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model_bytes = save_model(outdir / MODEL_FILE, final_state,
-                             {"model": cfg.train.model, "fedslim": "global-model"})
-    central = _eval_metrics(model, splits, device)
-    final = FinalReport(
-        test_accuracy=central.test.accuracy, test_loss=central.test.loss,
-        val_accuracy=central.val.accuracy, val_loss=central.val.loss,
-        rounds_completed=cfg.fed.num_server_rounds, fl_seconds=time.perf_counter() - t0,
-        model_file=MODEL_FILE, model_file_bytes=model_bytes,
-        comm=CommTotals.of(recorder.history))
-    if stack.distiller is not None:
-        final.student = stack.distiller.export(outdir, count_params(model))
-    path = recorder.write(final)
-    if cfg.fed.progress:
-        recorder.console.print(f"[bold]done[/bold]: test accuracy {central.test.accuracy:.4f}; "
-                               f"results in {path}")
-    return recorder.results(final)
+    with framework_logs(outdir / FRAMEWORK_LOG, cfg.fed.verbose):
+        run = ServerRun.prepare(cfg, outdir)
+        if cfg.fed.progress:
+            run.recorder.print_header(cfg, run.start_round)
+        t0 = time.perf_counter()
+        try:
+            run.run(grid)
+        except FedslimError as exc:  # e.g. nodes never came: say so in results.json too
+            run.finish(time.perf_counter() - t0, error=str(exc))
+            raise
+        return run.finish(time.perf_counter() - t0)
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

@@ -15,7 +15,9 @@ from typing import Any
 from rich.console import Console
 
 from fedslim import __version__
-from fedslim.protocol import RESULTS_FILE
+from fedslim.config import RunConfig
+from fedslim.console import FRAMEWORK_LOG
+from fedslim.protocol import CHECKPOINT_FILE, RESULTS_FILE
 from fedslim.report import FinalReport, RoundReport, RunResults
 from fedslim.server.storage import atomic_write_bytes
 
@@ -67,6 +69,31 @@ class RunRecorder:
             parts.append(f"student {r.distill.student_test_accuracy:.4f}")
         parts.append(f"{r.round_seconds:.2f}s")
         return " | ".join(parts)
+
+    def print_header(self, cfg: RunConfig, start_round: int) -> None:
+        self.console.print(
+            f"[bold]fedslim[/bold]: {cfg.train.model} on {cfg.data.dataset.value}, "
+            f"{cfg.data.partitioning.value} partitions, strategy {cfg.fed.strategy}, uplink "
+            f"{cfg.comp.uplink}, rounds {start_round + 1}..{cfg.fed.num_server_rounds}")
+
+    def print_summary(self, final: FinalReport) -> None:
+        """One summary: the figures, and every file written."""
+        parts = [f"test accuracy {final.test_accuracy:.4f}"]
+        if final.comm is not None and final.comm.uplink_ratio:
+            parts.append(f"uplink x{final.comm.uplink_ratio:.1f}")
+        if final.student is not None:
+            parts.append(f"student {final.student.test_accuracy:.4f} "
+                         f"({final.student.params:,} params)")
+        style = "red" if final.error else "bold"
+        self.console.print(f"[{style}]done[/{style}]: " + ", ".join(parts))
+        if final.error:
+            self.console.print(f"[red]error[/red]: {final.error}")
+        files = [RESULTS_FILE, final.model_file, CHECKPOINT_FILE]
+        if final.student is not None:
+            files += [final.student.file, final.student.int8_file]
+        if (self.outdir / FRAMEWORK_LOG).exists():
+            files.append(f"{FRAMEWORK_LOG} (Flower/Ray logs)")
+        self.console.print(f"wrote {self.outdir}/: " + ", ".join(files))
 
     def results(self, final: FinalReport | None = None) -> RunResults:
         return RunResults(

@@ -184,7 +184,7 @@ class Compressed(StrategyWrapper):
         accepted: list[Message] = []
         base = self.downlink.state
         for msg in ordered:
-            self.ledger.received(msg)
+            size = self.ledger.received(msg)
             if msg.has_error():
                 self._reject(report, msg, "train", f"client error: {msg.error.reason}")
                 continue
@@ -198,10 +198,11 @@ class Compressed(StrategyWrapper):
                 self._reject(report, msg, "train",
                              f"unexpected {type(exc).__name__} while decoding: {exc}")
                 continue
-            if not self.plain:
+            if not self.plain:  # plain mode: the reply is already what the strategy wants
                 msg.content = dec.content
+                size = message_bytes(msg)
             self.ledger.timing(dec.encode_seconds, dec.decode_seconds)
-            self.ledger.plain_equivalent(message_bytes(msg))
+            self.ledger.plain_equivalent(size)
             self.downlink.acknowledge(node)
             accepted.append(msg)
         report.replies, report.failures = len(accepted), len(ordered) - len(accepted)
@@ -213,6 +214,7 @@ class Compressed(StrategyWrapper):
         report.train = scalar_metrics(metrics)
         if arrays is None:
             return None, metrics
+        report.aggregated = True
         return self.downlink.publish(to_state(arrays)), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]

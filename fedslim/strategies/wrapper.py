@@ -13,6 +13,7 @@ moments) is not checkpointed, so resuming such a run is not exact.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
@@ -20,6 +21,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from fedslim.errors import FedslimError
 
 INNER = "inner/"
 
@@ -114,6 +117,50 @@ class Offset(StrategyWrapper):
 
     # Transparent for checkpoints: a resumed run (with an Offset) and the original (without)
     # must read each other's state.
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return state_of(self.strategy)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_state_of(self.strategy, state)
+
+
+class NodesUnavailable(FedslimError):
+    """Fewer nodes than needed stayed connected for longer than the configured wait."""
+
+
+def wait_for_nodes(grid: Grid, needed: int, timeout: float, poll: float = 0.5) -> int:
+    """Wait until ``needed`` nodes are connected; raise after ``timeout`` seconds.
+
+    Flower's own sampling waits forever (logging a line every second); a run that can
+    never start, or whose nodes died, must end with an error instead.
+    """
+    deadline = time.monotonic() + timeout
+    while (have := len(list(grid.get_node_ids()))) < needed:
+        if time.monotonic() >= deadline:
+            raise NodesUnavailable(f"{have} node(s) connected, {needed} needed "
+                                   f"(min-available-nodes / min-train-nodes) after waiting "
+                                   f"{timeout:.0f}s (node-timeout)")
+        time.sleep(poll)
+    return have
+
+
+class NodeGuard(StrategyWrapper):
+    """Before each configure step, wait (bounded) for ``min_nodes`` connected nodes."""
+
+    def __init__(self, strategy: Strategy, min_nodes: int, timeout: float) -> None:
+        super().__init__(strategy)
+        self.min_nodes, self.timeout = min_nodes, timeout
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        wait_for_nodes(grid, self.min_nodes, self.timeout)
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        wait_for_nodes(grid, self.min_nodes, self.timeout)
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return state_of(self.strategy)
 

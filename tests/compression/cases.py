@@ -22,7 +22,7 @@ STAGE_SPECS = [
     "q:2,round=stochastic|pass:0",
     "sign:block=8|pass:0",
     "topk:0.1|pass:0",
-    "topk:7|pass:0",
+    "topk:k=7|pass:0",
     "topk:0.2,scope=global|pass:0",
     "topk:0.3|bitmap|pass:0",
     "topk:0.05|golomb|pass:0",

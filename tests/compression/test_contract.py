@@ -132,7 +132,11 @@ def test_declared_value_properties(text: str, update: dict[str, torch.Tensor]) -
             assert np.all(np.abs(yk - xk) <= _REL_ERROR[p] * np.abs(xk) + _ABS_ERROR[p])
         elif isinstance(values, QuantizeConfig) and values.rounding is Rounding.NEAREST:
             step = quant_step(spec, xk)
-            assert np.all(np.abs(yk - xk) <= step * (0.5 + 1e-5) + 1e-44)
+            # The code position (v/s + 1) * (L-1)/2 is computed in float32: a value that lands
+            # within a few ulps of a half step may round either way (hypothesis found one at
+            # 177.5 - 1e-5 for 8 bits), so allow L * 2^-22 steps on top of the half step.
+            slack = ((1 << values.bits) - 1) * 2.0 ** -22
+            assert np.all(np.abs(yk - xk) <= step * (0.5 + slack) + 1e-44)
         elif isinstance(values, SignConfig):
             assert np.all((yk >= 0) == (xk >= 0)), "sign must be kept"
 

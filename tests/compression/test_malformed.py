@@ -120,7 +120,7 @@ def test_any_decodable_positions_are_sorted_unique_and_in_range(
 
 
 # -- one test per documented error -----------------------------------------------------------
-VALID = encode_update({"w": torch.linspace(-1, 1, 100)}, "topk:3|q:4|golomb|pass:0")
+VALID = encode_update({"w": torch.linspace(-1, 1, 100)}, "topk:k=3|q:4|golomb|pass:0")
 
 
 def _corrupt_header(offset: int, value: bytes) -> bytes:
@@ -167,8 +167,8 @@ CASES = {
         [NAN4, np.zeros(12, np.uint8)]))], None),
     "not canonical": write_payload("fp32", [_record()], None),
     "invalid spec": write_payload("q:99", [_record()], None),
-    "does not match the payload's spec": rebuild(VALID, "topk:3|q:5|golomb|pass:0"),
-    "exactly 2 kept values": write_payload("topk:2|pass:0", [_record()], None),
+    "does not match the payload's spec": rebuild(VALID, "topk:k=3|q:5|golomb|pass:0"),
+    "exactly 2 kept values": write_payload("topk:k=2|pass:0", [_record()], None),
     "unknown position codec 3": write_payload("none", [_record(position_codec=3)], None),
     "reserved bit set": with_crc(b"\x04none\x01\x00\x01w\x01\x04\x02"),
     "shares 3 bytes with a previous name of 0": with_crc(b"\x04none\x01\x03\x01w"),

@@ -26,7 +26,7 @@ from fedslim.errors import SpecError
 
 CANONICAL = [
     "none", "fp16", "bf16", "q:8", "q:4,block=256,round=stochastic,scale=norm", "sign:block=64",
-    "topk:0.01|q:4", "topk:0.01|q:4|golomb", "topk:100|bitmap", "topk:0.001|sign|zstd:9",
+    "topk:0.01|q:4", "topk:0.01|q:4|golomb", "topk:k=100|bitmap", "topk:0.001|sign|zstd:9",
     "topk:0.01,mode=sampled,scope=global,tol=0.2|q:4,block=256,round=stochastic|zstd",
     "topk:0.05|fp16|pass:1024,dtype=bf16", "q:8|pass:0", "zstd",
 ]
@@ -96,7 +96,10 @@ def test_every_spec_round_trips_through_its_string(spec: PipelineSpec) -> None:
     ("q:4|topk:0.1", "must come before 'q'"),
     ("q:4|q:8", "conflicts with 'q'"),
     ("q:4|sign", "conflicts with 'q'"),
-    ("topk:0", "count must be >= 1"),
+    ("topk:k=0", "count must be >= 1"),
+    ("topk:0", "ambiguous"),
+    ("topk:2", "topk:2% (keep 2% = fraction 0.02), topk:0.02, or topk:k=2"),
+    ("topk:0.1,k=3", "not both"),
     ("topk:1.5", "fraction must be in (0, 1]"),
     ("topk:nan", "finite"),
     ("topk:0.1,tol=0.2", "tol applies only to mode=sampled"),
@@ -143,6 +146,6 @@ def test_at_round_warmup_schedule() -> None:
     assert plain.at_round(1, 5) is plain
     assert parse_spec(str(spec.at_round(2, 4))) == spec.at_round(2, 4)
     with pytest.raises(SpecError, match="fractional"):
-        parse_spec("topk:100").at_round(1, 3)
+        parse_spec("topk:k=100").at_round(1, 3)
     with pytest.raises(SpecError):
         spec.at_round(0, 3)

@@ -88,7 +88,7 @@ def test_failed_run_names_the_log_and_stops_everything(tmp_path: Path) -> None:
 def test_bad_config_fails_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="partitioning"):
         run_local_deployment(2, {"partitioning": "random"}, ROOT, tmp_path / "w", 60)
-    with pytest.raises(DeployError, match="min-available-nodes"):
+    with pytest.raises(ConfigError, match="min-available-nodes"):
         run_local_deployment(1, {}, ROOT, tmp_path / "w", 60)
     assert not (tmp_path / "w").exists()
 

@@ -205,3 +205,16 @@ def test_plain_mode_still_validates_names_shapes_and_values():
     rejects = strategy.collector.current.rejects
     assert len(rejects) == 1 and "NaN" in rejects[0].reason
     assert all(torch.isfinite(v).all() for v in res.arrays.to_torch_state_dict().values())
+
+
+def test_a_run_whose_nodes_never_come_ends_with_an_error_not_a_hang():
+    import time
+
+    from fedslim.strategies.wrapper import NodeGuard, NodesUnavailable
+
+    grid = LoopbackGrid(make_quickstart_app([compression_mod]), 2)
+    strategy = NodeGuard(Compressed(FedAvg(min_available_nodes=3)), min_nodes=3, timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(NodesUnavailable, match="2 node.*3 needed.*node-timeout"):
+        _run(strategy, grid, rounds=1)
+    assert time.monotonic() - t0 < 5

@@ -1,0 +1,60 @@
+"""Checks that must pass before any process starts: bad input is one line, not a hang.
+
+Used by ``fedslim simulate`` and ``python -m fedslim.deploy``: a user mistake raises one
+:class:`~fedslim.errors.ConfigError` naming the flag or key, the value and what is
+allowed, before Ray, a SuperLink or a SuperNode is started.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fedslim.config import RunConfig
+from fedslim.errors import ConfigError
+from fedslim.protocol import CHECKPOINT_FILE
+
+
+def check_federation_size(cfg: RunConfig, num_clients: int, flag: str = "--num-clients"
+                          ) -> None:  # fedslim.deploy's flag has the same name
+    """Refuse a federation the server would wait for forever."""
+    if num_clients < 1:
+        raise ConfigError(f"{flag}={num_clients}: a federation needs at least 1 client")
+    for key, need in (("min-available-nodes", cfg.fed.min_available_nodes),
+                      ("min-train-nodes", cfg.fed.min_train_nodes)):
+        if num_clients < need:
+            raise ConfigError(
+                f"{flag}={num_clients} is below {key}={need}: the server would wait for "
+                f"nodes that never come; use {flag} >= {need} or -c {key}={num_clients}")
+
+
+def check_output_dir(cfg: RunConfig) -> tuple[Path, str | None]:
+    """Create ``output-dir`` (or fail in one line); return it and a notice, if any.
+
+    ``resume=true`` on a directory without a checkpoint starts from round 1 and says so
+    (the notice); it is not an error, so the same command can start and continue a run.
+    """
+    raw = cfg.fed.output_dir
+    out = Path(raw).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"run-config key 'output-dir' (--output-dir): {raw!r} is a file, "
+                          "not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"run-config key 'output-dir' (--output-dir): cannot create {raw!r}:"
+                          f" {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"run-config key 'output-dir' (--output-dir): {raw!r} is not "
+                          "writable")
+    notice = None
+    if cfg.fed.resume and not (out / CHECKPOINT_FILE).exists():
+        notice = (f"resume=true: {out} holds no {CHECKPOINT_FILE}; starting from round 1")
+    return out, notice
+
+
+def check_data_dir(cfg: RunConfig) -> None:
+    """A ``data-dir`` that the data set needs must exist."""
+    if cfg.data.data_dir and not Path(cfg.data.data_dir).expanduser().is_dir():
+        raise ConfigError(f"run-config key 'data-dir': {cfg.data.data_dir!r} is not a "
+                          "directory")
