@@ -17,7 +17,13 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
-from fedslim.config import RunConfig, key_table, parse_cli_overrides, parse_run_config
+from fedslim.config import (
+    RunConfig,
+    key_table,
+    parse_cli_overrides,
+    parse_run_config,
+    typed_value,
+)
 from fedslim.console import FRAMEWORK_LOG, framework_logs
 from fedslim.deploy.processes import TAG_ENV, tagged_processes
 from fedslim.errors import FedslimError
@@ -46,6 +52,7 @@ def prepare_simulation(overrides: dict[str, Any], num_clients: int
     Returns the parsed config, the (created) output directory and a notice, if any.
     Raises ConfigError naming the key or flag.
     """
+    import_path_for_workers()
     cfg = parse_run_config(overrides=overrides)
     check_federation_size(cfg, num_clients)
     check_data_dir(cfg)
@@ -64,6 +71,17 @@ def run_simulation_with(overrides: dict[str, Any], num_clients: int,
     cfg, outdir, _ = prepare_simulation(overrides, num_clients)
     _run(cfg, overrides, num_clients, cpus_per_client, gpus_per_client, outdir)
     return outdir
+
+
+def import_path_for_workers() -> None:
+    """Plug-in modules in the current directory must import in Ray's worker processes too:
+    put the current directory on ``sys.path`` here and on ``PYTHONPATH`` for them."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *parts])
 
 
 def _run(cfg: RunConfig, overrides: dict[str, Any], num_clients: int, cpus_per_client: float,
@@ -133,6 +151,7 @@ def simulate(
     ] = False,
 ) -> None:
     """Run a federation in Flower's simulation engine: one line per round, then a summary."""
+    import_path_for_workers()
     try:
         overrides: dict[str, Any] = parse_cli_overrides(run_config)
         for key, value in (("num-server-rounds", rounds), ("partitioning", partitioning),
@@ -179,17 +198,6 @@ def _report(outdir: Path, progress: bool) -> None:
                    f"{outdir / RESULTS_FILE}")
 
 
-def _typed(value: str) -> bool | int | float | str:
-    """A ``-c`` value as TOML would type it (``5`` -> 5, ``true`` -> True, else text)."""
-    import tomllib
-
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        return value
-    return parsed if isinstance(parsed, bool | int | float | str) else value
-
-
 @cli.command("run-app")
 def run_app(
     app_dir: Annotated[Path, typer.Argument(help="Flower app directory (with pyproject.toml)")
@@ -215,7 +223,7 @@ def run_app(
     if not (app_dir / "pyproject.toml").is_file():
         _error(f"APP_DIR {str(app_dir)!r} has no pyproject.toml: not a Flower app", 2)
     try:
-        overrides = {k: _typed(v) for k, v in parse_cli_overrides(run_config).items()}
+        overrides = {k: typed_value(v) for k, v in parse_cli_overrides(run_config).items()}
         with tempfile.TemporaryDirectory(prefix="fedslim-run-app-") as tmp, \
                 LocalSimulation(Path(tmp)) as sim:
             sim.run(app_dir, overrides, num_supernodes=num_supernodes, timeout=timeout,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,19 +22,17 @@ from typing import Any
 from fedslim.compression.spec import PipelineSpec
 from fedslim.config_fields import check_registered, flat, key, validate_fields
 from fedslim.errors import ConfigError
+from fedslim.plugins import load_plugins
 
 
-class Dataset(enum.StrEnum):
-    DIGITS = "digits"
-    SYNTHETIC = "synthetic"
-    MNIST = "mnist"
-    CIFAR10 = "cifar10"
+class Normalize(enum.StrEnum):
+    NONE = "none"
+    STANDARDIZE = "standardize"   # per feature, with the clients' (training) statistics
 
 
-class Partitioning(enum.StrEnum):
-    IID = "iid"
-    DIRICHLET = "dirichlet"
-    PATHOLOGICAL = "pathological"
+class Layout(enum.StrEnum):
+    AS_IS = "as-is"
+    CHANNELS_LAST = "channels-last"   # move the last axis to position 1
 
 
 class Optimizer(enum.StrEnum):
@@ -70,14 +69,26 @@ class Augment(enum.StrEnum):
 class DataConfig:
     """Which data, and how it is split between server and clients."""
 
-    dataset: Dataset = field(default=Dataset.DIGITS, metadata=key(
-        "dataset", "Data set: `digits` (embedded, scikit-learn), `synthetic`, `mnist` or "
-        "`cifar10` (the last two read from `data-dir`)."))
+    dataset: str = field(default="digits", metadata=key(
+        "dataset", "Data set: `digits` (embedded, scikit-learn), `synthetic`, `npz` (your "
+        "arrays, any shape), `mnist` or `cifar10` (files in `data-dir`), or one a plug-in "
+        "registers (see docs/extending.md)."))
     data_dir: str = field(default="", metadata=key(
-        "data-dir", "Directory with MNIST IDX files or CIFAR-10 binary batches."))
-    partitioning: Partitioning = field(default=Partitioning.DIRICHLET, metadata=key(
+        "data-dir", "Directory with the data set's files: `train.npz` (+ `test.npz`) for "
+        "`npz`, MNIST IDX files, CIFAR-10 binary batches."))
+    normalize: Normalize = field(default=Normalize.NONE, metadata=key(
+        "normalize", "`none`, or `standardize`: per-feature mean/std computed on the "
+        "clients' (training) split, applied to every split."))
+    layout: Layout = field(default=Layout.AS_IS, metadata=key(
+        "layout", "`as-is`, or `channels-last`: the data set's examples are (..., C) and "
+        "are transposed to (C, ...) (npz)."))
+    keep_test_split: bool = field(default=True, metadata=key(
+        "keep-test-split", "Use a data set's own test split (e.g. `test.npz`) as the "
+        "server's test set; `false` pools it with the rest and re-splits."))
+    partitioning: str = field(default="dirichlet", metadata=key(
         "partitioning", "How client data is split: `iid`, `dirichlet` (label skew, "
-        "`dirichlet-alpha`) or `pathological` (`classes-per-client` labels each)."))
+        "`dirichlet-alpha`), `pathological` (`classes-per-client` labels each), or one a "
+        "plug-in registers."))
     dirichlet_alpha: float = field(default=0.5, metadata=key(
         "dirichlet-alpha", "Dirichlet concentration; smaller is more skewed.", low=0.0,
         low_open=True))
@@ -105,9 +116,14 @@ class DataConfig:
             raise ConfigError(
                 f"test-fraction + val-fraction + proxy-fraction = {total:.3f} leaves no data "
                 "for clients; it must be < 0.95")
-        if self.dataset in (Dataset.MNIST, Dataset.CIFAR10) and not self.data_dir:
-            raise ConfigError(f"dataset={self.dataset.value!r} needs data-dir to point at "
-                              "the local files (nothing is downloaded)")
+        from fedslim.task.data import PARTITIONERS  # lazy: registries import this module
+        from fedslim.task.datasets import DATASETS
+
+        check_registered("dataset", self.dataset, DATASETS, "dataset")
+        check_registered("partitioning", self.partitioning, PARTITIONERS, "partitioner")
+        if DATASETS[self.dataset].needs_data_dir and not self.data_dir:
+            raise ConfigError(f"dataset={self.dataset!r} needs data-dir to point at the "
+                              "local files (nothing is downloaded)")
 
 
 @dataclass(frozen=True)
@@ -179,6 +195,11 @@ class FederationConfig:
         "are resolved against the server process' working directory)."))
     resume: bool = field(default=False, metadata=key(
         "resume", "Continue from the last complete checkpoint in output-dir."))
+    plugins: str = field(default="", metadata=key(
+        "plugins", "Comma-separated modules to import first in every process (CLI, "
+        "ServerApp, each ClientApp): they register your models, data sets, partitioners "
+        "and strategies. Installed packages can use the `fedslim.plugins` entry point "
+        "instead."))
     progress: bool = field(default=True, metadata=key(
         "progress", "Print one progress line per round and a summary at the end."))
     verbose: bool = field(default=False, metadata=key(
@@ -279,6 +300,9 @@ class RunConfig:
     fed: FederationConfig = field(default_factory=FederationConfig)
     comp: CompressionConfig = field(default_factory=CompressionConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # ``client.<name>`` keys: forwarded to every ClientApp in the train / evaluate
+    # ConfigRecord as ``<name>`` (e.g. ``-c client.lr=0.01`` -> ``config["lr"]``).
+    client: Mapping[str, bool | int | float | str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.fed.min_available_nodes < self.fed.min_train_nodes:
@@ -293,6 +317,7 @@ class RunConfig:
             for f in dataclasses.fields(section):
                 value = getattr(section, f.name)
                 out[f.metadata["key"]] = flat(value)
+        out.update({CLIENT_PREFIX + k: v for k, v in sorted(self.client.items())})
         return out
 
 
@@ -343,16 +368,53 @@ def parse_run_config(
     """
     merged: dict[str, Any] = dict(run_config or {})
     merged.update(overrides or {})
+    client = parse_client_keys({k: merged.pop(k) for k in list(merged)
+                                if k.startswith(CLIENT_PREFIX)})
     known = set(known_keys())
     unknown = sorted(k for k in merged if k not in known)
     if unknown:
-        raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {sorted(known)}")
+        raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {sorted(known)} "
+                          f"(and {CLIENT_PREFIX}<name> for settings forwarded to clients)")
+    # Plug-ins register names (models, data sets, ...) that the sections check below.
+    load_plugins(str(merged.get("plugins", "")))
     sections: dict[str, Any] = {}
     for name, cls in SECTION_TYPES.items():
         kwargs = {f.name: merged[f.metadata["key"]] for f in dataclasses.fields(cls)
                   if f.metadata["key"] in merged}
         sections[name] = cls(**kwargs)  # each section validates its own fields
-    return RunConfig(**sections)
+    return RunConfig(**sections, client=client)
+
+
+CLIENT_PREFIX = "client."
+
+
+def typed_value(value: Any) -> bool | int | float | str:
+    """A CLI string typed as TOML would (``5`` -> 5, ``0.1`` -> 0.1, ``true``), else as is."""
+    if not isinstance(value, str):
+        return value
+    import tomllib
+
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+    return parsed if isinstance(parsed, bool | int | float | str) else value
+
+
+def parse_client_keys(items: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """``{"client.lr": "0.01"}`` -> ``{"lr": 0.01}``; names and value types checked."""
+    out: dict[str, bool | int | float | str] = {}
+    for k, v in items.items():
+        name = k[len(CLIENT_PREFIX):]
+        if not name or not all(part.strip() for part in name.split(".")):
+            raise ConfigError(f"run-config key {k!r}: expected {CLIENT_PREFIX}<name>")
+        value = typed_value(v)
+        if not isinstance(value, bool | int | float | str) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"run-config key {k!r}: got {v!r}; a client setting must be a "
+                              "finite number, a bool or a string")
+        out[name] = value
+    return out
 
 
 def parse_cli_overrides(items: list[str] | None) -> dict[str, str]:

@@ -2,15 +2,14 @@
 
 ``framework_logs(path, verbose)`` moves the handlers of Flower's ``flwr`` logger off the
 console and onto ``path`` (``<output-dir>/flower.log``) for the duration of a ``with``
-block, silences Python warnings that libraries emit on import (they are written to the
-same file), and restores everything afterwards. With ``verbose=True`` nothing is moved.
+block, routes the Python warnings libraries emit (e.g. deprecations) to the same file, and
+restores everything afterwards. With ``verbose=True`` nothing is moved.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,9 +37,7 @@ def framework_logs(path: Path, verbose: bool) -> Iterator[None]:
     warn_logger.propagate = False
     logging.captureWarnings(True)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("default")
-            yield
+        yield
     finally:
         logging.captureWarnings(False)
         warn_logger.removeHandler(file_handler)

@@ -27,8 +27,8 @@ def run_bare_fedavg(cfg: RunConfig, num_clients: int) -> dict[str, object]:
     splits = load_splits(cfg.data, seed)
     device = select_device(cfg.train.device)
     torch.manual_seed(seed)
-    global_model = build_model(cfg.train.model, splits.input_shape[0], splits.num_classes)
-    local = build_model(cfg.train.model, splits.input_shape[0], splits.num_classes)
+    global_model = build_model(cfg.train.model, splits.input_shape, splits.num_classes)
+    local = build_model(cfg.train.model, splits.input_shape, splits.num_classes)
     data = [client_data(cfg.data, seed, pid, num_clients)[0] for pid in range(num_clients)]
     history, train_seconds = [], 0.0
     t0 = time.perf_counter()

@@ -99,7 +99,7 @@ def digits_cnn_update(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _digits_model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     try:  # the project's registry and loader, when present
-        from fedslim.task.data import load_digits_pool
+        from fedslim.task.datasets import load_digits_pool
         from fedslim.task.models import build_model
 
         pool = load_digits_pool()

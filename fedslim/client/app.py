@@ -58,7 +58,7 @@ class ClientRuntime:
         self.train_data, self.eval_data = client_data(
             cfg.data, cfg.fed.seed, self.partition_id, self.num_partitions)
         self.device = select_device(cfg.train.device)
-        self.model = build_model(cfg.train.model, splits.input_shape[0], splits.num_classes)
+        self.model = build_model(cfg.train.model, splits.input_shape, splits.num_classes)
 
     def load_global(self, msg: Message) -> dict[str, torch.Tensor]:
         """Load the message's global weights into the model (names and shapes checked)."""

@@ -144,11 +144,8 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
             context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream})
         del reply.content[key]
         reply.content[PAYLOAD] = payload_record(payload)
-    reply.content[UP] = UplinkHeader(
-        stream=head.stream, version=head.version, server_round=head.server_round,
-        global_crc=state_crc(start), arrays_key=head.arrays_key,
-        encode_seconds=time.perf_counter() - t0,
-        raw_bytes=sum(start[k].numel() * 4 for k in keys)).to_record()
+    reply.content[UP] = _header(head, start, encode_seconds=time.perf_counter() - t0,
+                                raw_bytes=sum(start[k].numel() * 4 for k in keys)).to_record()
 
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -168,7 +165,18 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     if head.arrays_key not in content.array_records:
         content[head.arrays_key] = state_record(start)
     reply = call_next(msg, context)
-    if reply.has_error() or msg.metadata.message_type != MessageType.TRAIN:
+    if reply.has_error():
         return reply
-    encode_reply(reply, context, head, start)
+    if msg.metadata.message_type == MessageType.TRAIN:
+        encode_reply(reply, context, head, start)
+    else:  # tell the server which global this node now holds (its deltas build on it)
+        reply.content[UP] = _header(head, start, encode_seconds=0.0, raw_bytes=0).to_record()
     return reply
+
+
+def _header(head: DownlinkHeader, start: State, encode_seconds: float, raw_bytes: int
+            ) -> UplinkHeader:
+    return UplinkHeader(stream=head.stream, version=head.version,
+                        server_round=head.server_round, global_crc=state_crc(start),
+                        arrays_key=head.arrays_key, encode_seconds=encode_seconds,
+                        raw_bytes=raw_bytes)

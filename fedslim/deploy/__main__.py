@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -53,10 +54,14 @@ def deploy(
             overrides["num-server-rounds"] = rounds
         if output_dir is not None:
             overrides["output-dir"] = output_dir
+        app = (app_dir or default_app_dir()).resolve()
+        # Plug-ins named in the run config live in the app (as for its own processes).
+        if str(app) not in sys.path:
+            sys.path.insert(0, str(app))
         _, send = resolve_run_config(overrides)
         outdir = Path(str(send["output-dir"]))
         work = (workdir or outdir / "deploy").resolve()
-        results = run_local_deployment(num_clients, overrides, app_dir or default_app_dir(),
+        results = run_local_deployment(num_clients, overrides, app,
                                        work, timeout)
     except ConfigError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)

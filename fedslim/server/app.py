@@ -57,7 +57,7 @@ RESUME_FREE_KEYS = {"num-server-rounds", "resume", "output-dir", "progress", "ro
 def initial_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
     """The round-0 global model: seeded, so every run with this seed starts equal."""
     torch.manual_seed(cfg.fed.seed)
-    return build_model(cfg.train.model, splits.input_shape[0], splits.num_classes)
+    return build_model(cfg.train.model, splits.input_shape, splits.num_classes)
 
 
 def _check_resumable(ckpt: Checkpoint, cfg: RunConfig, path: Path) -> None:
@@ -178,7 +178,8 @@ class ServerRun:
         result = self.stack.strategy.start(
             grid=grid, initial_arrays=ArrayRecord(self.model.state_dict()),
             num_rounds=remaining, timeout=self.cfg.fed.round_timeout,
-            train_config=ConfigRecord({}), evaluate_config=ConfigRecord({}),
+            train_config=ConfigRecord(dict(self.cfg.client)),
+            evaluate_config=ConfigRecord(dict(self.cfg.client)),
             evaluate_fn=self.central_evaluate)
         if len(result.arrays) > 0:  # empty when no round aggregated
             self.model.load_state_dict(result.arrays.to_torch_state_dict())

@@ -72,8 +72,8 @@ class RunRecorder:
 
     def print_header(self, cfg: RunConfig, start_round: int) -> None:
         self.console.print(
-            f"[bold]fedslim[/bold]: {cfg.train.model} on {cfg.data.dataset.value}, "
-            f"{cfg.data.partitioning.value} partitions, strategy {cfg.fed.strategy}, uplink "
+            f"[bold]fedslim[/bold]: {cfg.train.model} on {cfg.data.dataset}, "
+            f"{cfg.data.partitioning} partitions, strategy {cfg.fed.strategy}, uplink "
             f"{cfg.comp.uplink}, rounds {start_round + 1}..{cfg.fed.num_server_rounds}")
 
     def print_summary(self, final: FinalReport) -> None:

@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import Strategy
 from fedslim.compression import PipelineSpec, parse_spec
 from fedslim.errors import FedslimError
 from fedslim.flower_io import message_bytes, to_state
-from fedslim.protocol import DOWN, DownlinkHeader
+from fedslim.protocol import DOWN, UP, DownlinkHeader, UplinkHeader
 from fedslim.report import Reject, RoundCollector, RoundReport
 from fedslim.strategies.downlink import Downlink
 from fedslim.strategies.ledger import ByteLedger
@@ -232,7 +232,7 @@ class Compressed(StrategyWrapper):
             except FedslimError as exc:
                 self._reject(report, msg, "evaluate", str(exc))
                 continue
-            self.downlink.acknowledge(msg.metadata.src_node_id)
+            self._evaluate_ack(msg, server_round)
             ok.append(msg)
         report.evaluate_replies = len(ok)
         report.evaluate_failures = sum(r.phase == "evaluate" for r in report.rejects)
@@ -240,6 +240,29 @@ class Compressed(StrategyWrapper):
         report.federated_evaluate = scalar_metrics(metrics)
         report.comm = self.ledger.close()
         return metrics
+
+    def _evaluate_ack(self, msg: Message, server_round: int) -> None:
+        """Trust a node's copy only if its reply says it holds exactly what was sent.
+
+        A stock client (no mod) evaluates the full model fine but keeps nothing: it must
+        get the full model again, so its evaluation counts but is not an acknowledgment.
+        """
+        node = msg.metadata.src_node_id
+        rec = msg.content.config_records.get(UP)
+        if rec is None:
+            self.downlink.forget(node)
+            return
+        try:
+            header = UplinkHeader.from_record(rec, f"node {node}")
+            UplinkDecoder.check_binding(header, self._expected(node, server_round),
+                                        f"node {node}")
+        except FedslimError as exc:
+            log.warning("evaluate reply from node %s: %s; it gets the full model next", node,
+                        exc)
+            self.downlink.forget(node)
+        else:
+            self.downlink.acknowledge(node)
+        del msg.content[UP]
 
     # ------------------------------------------------------------------ checkpoint
     def own_state(self) -> dict[str, torch.Tensor]:

@@ -60,7 +60,7 @@ class Distiller:
         self.student = self._build(cfg.student_model)
 
     def _build(self, name: str) -> torch.nn.Module:
-        return build_model(name, self.splits.input_shape[0], self.splits.num_classes)
+        return build_model(name, self.splits.input_shape, self.splits.num_classes)
 
     def _model(self, state: State) -> torch.nn.Module:
         m = self._build(self.global_model)

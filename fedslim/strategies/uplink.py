@@ -103,7 +103,7 @@ class UplinkDecoder:
                                  "fedslim.client.compression_mod to the ClientApp's mods")
         if header_rec is not None:
             header = UplinkHeader.from_record(header_rec, who)
-            self._check_binding(header, exp, who)
+            self.check_binding(header, exp, who)
             encode_seconds = header.encode_seconds
         out = RecordDict({k: v for k, v in content.items() if k not in (UP, PAYLOAD)})
         if exp.spec.is_identity:  # plain arrays: validated, passed on as the client sent them
@@ -114,7 +114,8 @@ class UplinkDecoder:
                        decode_seconds=time.perf_counter() - t0)
 
     @staticmethod
-    def _check_binding(h: UplinkHeader, exp: Expected, who: str) -> None:
+    def check_binding(h: UplinkHeader, exp: Expected, who: str) -> None:
+        """The header answers this message, and the node's copy equals the server's."""
         if (h.stream, h.version, h.server_round) != (exp.stream, exp.version,
                                                      exp.server_round):
             raise UpdateRejected(

@@ -1,7 +1,13 @@
 """Model registry: global models and compact students, by name.
 
-Every factory takes ``(in_channels, num_classes)`` and returns a fresh ``nn.Module``. Spatial
-size is absorbed by adaptive pooling, so the digits models also run on 28x28 MNIST.
+Every factory takes ``(input_shape, num_classes)`` -- the shape of ONE example, e.g.
+``(1, 8, 8)`` for digits or ``(20,)`` for a 20-feature vector -- and returns a fresh
+``nn.Module``. Register your own from a plug-in module (see docs/extending.md)::
+
+    @register_model("my_mlp")
+    def my_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module: ...
+
+Spatial size is absorbed by adaptive pooling, so the image models run on any H x W.
 """
 
 from __future__ import annotations
@@ -11,16 +17,27 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedslim.errors import RegistryError
 from fedslim.registry import Registry
 
-ModelFactory = Callable[[int, int], nn.Module]
+InputShape = tuple[int, ...]
+ModelFactory = Callable[[InputShape, int], nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model")
 register_model = MODELS.register
 
 
-def build_model(name: str, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
-    """Instantiate a registered model; unknown names list the known ones."""
-    return MODELS[name](in_channels, num_classes)
+def build_model(name: str, input_shape: InputShape = (1, 8, 8), num_classes: int = 10
+                ) -> nn.Module:
+    """Instantiate a registered model for examples of ``input_shape``; unknown names list
+    the known ones."""
+    return MODELS[name](tuple(input_shape), num_classes)
+
+
+def _channels(input_shape: InputShape) -> int:
+    if len(input_shape) != 3:
+        raise RegistryError(f"this model needs images of shape (C, H, W), got examples of "
+                            f"shape {tuple(input_shape)}; use a model for vectors (e.g. 'mlp')")
+    return int(input_shape[0])
 
 
 def count_params(model: nn.Module) -> int:
@@ -48,21 +65,21 @@ class ConvNet(nn.Module):
 
 
 @register_model("digits_cnn")
-def digits_cnn(in_channels: int, num_classes: int) -> nn.Module:
+def digits_cnn(input_shape: InputShape, num_classes: int) -> nn.Module:
     """~151k parameters for 1x8x8 digits: the default global model."""
-    return ConvNet(in_channels, num_classes, c1=32, c2=64, hidden=128)
+    return ConvNet(_channels(input_shape), num_classes, c1=32, c2=64, hidden=128)
 
 
 @register_model("digits_student")
-def digits_student(in_channels: int, num_classes: int) -> nn.Module:
+def digits_student(input_shape: InputShape, num_classes: int) -> nn.Module:
     """~30k parameters (~20% of ``digits_cnn``): the compact student."""
-    return ConvNet(in_channels, num_classes, c1=16, c2=32, hidden=48)
+    return ConvNet(_channels(input_shape), num_classes, c1=16, c2=32, hidden=48)
 
 
 @register_model("digits_tiny")
-def digits_tiny(in_channels: int, num_classes: int) -> nn.Module:
+def digits_tiny(input_shape: InputShape, num_classes: int) -> nn.Module:
     """~7k parameters: an even smaller student, for the size/accuracy frontier."""
-    return ConvNet(in_channels, num_classes, c1=8, c2=16, hidden=24)
+    return ConvNet(_channels(input_shape), num_classes, c1=8, c2=16, hidden=24)
 
 
 class BasicBlock(nn.Module):
@@ -100,12 +117,48 @@ class ResNet8(nn.Module):
 
 
 @register_model("resnet8")
-def resnet8(in_channels: int, num_classes: int) -> nn.Module:
+def resnet8(input_shape: InputShape, num_classes: int) -> nn.Module:
     """ResNet-8-like (~78k params at width 1) for CIFAR-sized 3x32x32 inputs."""
-    return ResNet8(in_channels, num_classes, width=1)
+    return ResNet8(_channels(input_shape), num_classes, width=1)
 
 
 @register_model("resnet8_student")
-def resnet8_student(in_channels: int, num_classes: int) -> nn.Module:
+def resnet8_student(input_shape: InputShape, num_classes: int) -> nn.Module:
     """A narrow plain CNN student for 32x32 inputs (< 25% of ``resnet8``)."""
-    return ConvNet(in_channels, num_classes, c1=8, c2=16, hidden=32)
+    return ConvNet(_channels(input_shape), num_classes, c1=8, c2=16, hidden=32)
+
+
+class MLP(nn.Module):
+    """Flatten, then ``hidden`` ReLU layers: for feature vectors (or any shape)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _features(input_shape: InputShape) -> int:
+    n = 1
+    for d in input_shape:
+        n *= int(d)
+    return n
+
+
+@register_model("mlp")
+def mlp(input_shape: InputShape, num_classes: int) -> nn.Module:
+    """Two hidden layers of 64: a small model for vectors (~5k params for 20 features)."""
+    return MLP(_features(input_shape), num_classes, hidden=(64, 64))
+
+
+@register_model("mlp_student")
+def mlp_student(input_shape: InputShape, num_classes: int) -> nn.Module:
+    """One hidden layer of 16: a compact student for ``mlp``."""
+    return MLP(_features(input_shape), num_classes, hidden=(16,))

@@ -6,15 +6,13 @@ import pytest
 
 from fedslim.config import parse_run_config
 from fedslim.errors import DataError
-from fedslim.task.data import (
-    client_data,
+from fedslim.task.data import client_data, load_splits, partition_indices, split_pool
+from fedslim.task.datasets import (
     load_cifar10_pool,
+    load_digits_pool,
     load_mnist_pool,
-    load_splits,
     make_synthetic,
-    partition_indices,
     read_idx,
-    split_pool,
 )
 
 
@@ -24,8 +22,7 @@ def _cfg(**kw):
 
 def test_digits_splits_are_deterministic_disjoint_and_cover():
     cfg = _cfg()
-    a, b = load_splits(cfg, 7), split_pool(__import__("fedslim.task.data", fromlist=["x"])
-                                           .load_digits_pool(), cfg, 7)
+    a, b = load_splits(cfg, 7), split_pool(load_digits_pool(), cfg, 7)
     np.testing.assert_array_equal(a.test.x, b.test.x)
     total = len(a.clients) + len(a.val) + len(a.test) + len(a.proxy_x)
     assert total == 1797

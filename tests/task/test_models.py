@@ -13,14 +13,14 @@ def test_digits_models_sizes():
 
 
 def test_resnet8_student_is_compact():
-    assert count_params(build_model("resnet8_student", 3)) <= 0.25 * count_params(
-        build_model("resnet8", 3))
+    assert count_params(build_model("resnet8_student", (3, 32, 32))) <= 0.25 * count_params(
+        build_model("resnet8", (3, 32, 32)))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])
 def test_every_model_runs_on_every_input_size(name, shape):
-    model = build_model(name, shape[0], 10)
+    model = build_model(name, shape, 10)
     out = model(torch.randn(4, *shape))
     assert out.shape == (4, 10)
 

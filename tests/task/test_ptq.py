@@ -61,9 +61,9 @@ def test_small_tensors_and_non_floats_are_kept():
 
 
 def test_batchnorm_model_round_trips_through_safetensors():
-    model = build_model("resnet8", 3, 10)
+    model = build_model("resnet8", (3, 32, 32), 10)
     back = dequantize_state_int8(st_load(st_save(quantize_state_int8(model.state_dict()))))
-    build_model("resnet8", 3, 10).load_state_dict(back, strict=True)
+    build_model("resnet8", (3, 32, 32), 10).load_state_dict(back, strict=True)
     assert back["stem.1.num_batches_tracked"].dtype == torch.int64
 
 
