@@ -37,6 +37,29 @@ def payload_from_record(record: ArrayRecord, where: str) -> bytes:
     return bytes(arr.data)
 
 
+def chain_record(payloads: list[bytes]) -> ArrayRecord:
+    """Several payloads, applied in order (``fedslim.0``, ``fedslim.1``, ...)."""
+    return ArrayRecord({f"{PAYLOAD_ARRAY}.{i}": Array(dtype="uint8", shape=(len(p),),
+                                                      stype=WIRE_STYPE, data=p)
+                        for i, p in enumerate(payloads)})
+
+
+def chain_from_record(record: ArrayRecord, count: int, where: str) -> list[bytes]:
+    """The payloads of a :func:`chain_record`; exactly ``count`` of them, checked."""
+    names = [f"{PAYLOAD_ARRAY}.{i}" for i in range(count)]
+    if list(record.keys()) != names:
+        raise DecodeError(f"{where}: expected arrays {names[:3]}... ({count}), got "
+                          f"{list(record.keys())[:5]}")
+    out = []
+    for name in names:
+        arr = record[name]
+        if arr.stype != WIRE_STYPE:
+            raise DecodeError(f"{where}: array {name!r} stype is {arr.stype!r}, expected "
+                              f"{WIRE_STYPE!r}")
+        out.append(bytes(arr.data))
+    return out
+
+
 def state_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """A state dict as plain numpy-serialized arrays (exactly what stock Flower sends)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy()))

@@ -135,6 +135,9 @@ class DownlinkHeader:
         Absolute round (seeds the client's stochastic rounding).
     seed : int
         Run seed (same purpose).
+    init_crc : int
+        Nonzero: the node does not hold ``base``; it builds it itself (the run's seeded
+        round-0 model, whose CRC this is) and then applies the delta chain.
     """
 
     stream: int
@@ -146,13 +149,14 @@ class DownlinkHeader:
     keep: bool
     server_round: int
     seed: int
+    init_crc: int = 0
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({"stream": self.stream, "version": self.version,
                              "base": self.base, "arrays-key": self.arrays_key,
                              "uplink": self.uplink, "error-feedback": self.error_feedback,
                              "keep": self.keep, "round": self.server_round,
-                             "seed": self.seed})
+                             "seed": self.seed, "init-crc": self.init_crc})
 
     @classmethod
     def from_record(cls, rec: ConfigRecord) -> DownlinkHeader:
@@ -162,7 +166,7 @@ class DownlinkHeader:
                    uplink=_str(rec, "uplink", who),
                    error_feedback=_bool(rec, "error-feedback", who),
                    keep=_bool(rec, "keep", who), server_round=_int(rec, "round", who),
-                   seed=_int(rec, "seed", who))
+                   seed=_int(rec, "seed", who), init_crc=_int(rec, "init-crc", who))
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ class CommReport:
     full_model_messages: int = 0
     delta_messages: int = 0
     current_messages: int = 0        # "you hold this version already": no arrays at all
+    init_messages: int = 0           # "build the seeded round-0 model yourself" (+ chain)
     encode_seconds: float = 0.0      # clients' encode time, summed
     decode_seconds: float = 0.0      # server's decode + validation time
     per_node: dict[str, NodeBytes] = field(default_factory=dict)

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedslim.client.mod import compression_mod
+from fedslim.client.mod import make_compression_mod
 from fedslim.config import RunConfig, parse_run_config
 from fedslim.errors import UpdateRejected
 from fedslim.flower_io import to_state
@@ -36,7 +36,7 @@ from fedslim.protocol import (
     MetricValue,
 )
 from fedslim.task.data import client_data, load_splits
-from fedslim.task.models import build_model
+from fedslim.task.models import build_model, seeded_model
 from fedslim.task.train import evaluate, select_device, train_local
 
 
@@ -98,7 +98,14 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
     ``mods`` are extra Flower client mods, placed outside ``compression_mod`` (so they see
     encoded replies).
     """
-    client_app = ClientApp(mods=[*(mods or []), compression_mod])
+    def initial_state(context: Context) -> dict[str, torch.Tensor]:
+        cfg = parse_run_config(context.run_config, overrides)
+        splits = load_splits(cfg.data, cfg.fed.seed)
+        model = seeded_model(cfg.train.model, cfg.fed.seed, splits.input_shape,
+                             splits.num_classes)
+        return model.state_dict()
+
+    client_app = ClientApp(mods=[*(mods or []), make_compression_mod(initial_state)])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

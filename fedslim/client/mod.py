@@ -20,15 +20,16 @@ Mod order: Flower runs mods first to last around the app; mods listed *before*
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedslim.compression import ErrorFeedback, decode_update, encode_update, parse_spec
 from fedslim.errors import DecodeError, EncodeError
 from fedslim.flower_io import (
     apply_delta,
-    payload_from_record,
+    chain_from_record,
     payload_record,
     state_crc,
     state_record,
@@ -50,6 +51,8 @@ from fedslim.protocol import (
 from fedslim.strategies.aggregate import State, float_keys
 from fedslim.task.train import make_generator
 
+MAX_CHAIN = 256  # catch-up steps a node accepts in one message (the server keeps <= 32)
+
 
 def _held(context: Context, stream: int) -> tuple[int, State] | None:
     meta = context.state.config_records.get(STATE_META)
@@ -61,13 +64,39 @@ def _held(context: Context, stream: int) -> tuple[int, State] | None:
     return version, to_state(context.state.array_records[STATE_GLOBAL])
 
 
-def receive_global(msg: Message, context: Context, head: DownlinkHeader) -> State:
+InitialState = Callable[[Context], State]
+
+
+def _base_state(context: Context, head: DownlinkHeader,
+                initial_state: InitialState | None) -> State:
+    """The version the message builds on: held, or (``init_crc``) built here."""
+    if head.init_crc:
+        if initial_state is None:
+            raise DecodeError("downlink: the server asks this node to build the initial "
+                              "model itself, but compression_mod has no initial_state")
+        state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                 for k, v in initial_state(context).items()}
+        if state_crc(state) != head.init_crc:
+            raise DecodeError("downlink: the initial model built here differs from the "
+                              "server's (CRC mismatch): different model, seed or device")
+        return state
+    held = _held(context, head.stream)
+    if held is None or held[0] != head.base:
+        raise DecodeError(f"downlink: message builds on global version {head.base} but "
+                          f"this node holds {None if held is None else held[0]}; the "
+                          "server must send the full model")
+    return held[1]
+
+
+def receive_global(msg: Message, context: Context, head: DownlinkHeader,
+                   initial_state: InitialState | None = None) -> State:
     """The global model this message brings the node to (remembered if ``head.keep``).
 
     Raises
     ------
     DecodeError
-        If the message needs a version this node does not hold, or its delta is malformed.
+        If the message needs a version this node does not hold (or cannot build), or its
+        delta is malformed.
     """
     content = msg.content
     if head.base < 0:
@@ -75,24 +104,22 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader) -> Stat
             raise DecodeError(f"downlink: no {head.arrays_key!r} record and no base version")
         state = to_state(content.array_records[head.arrays_key])
     else:
-        held = _held(context, head.stream)
-        if held is None or held[0] != head.base:
-            raise DecodeError(f"downlink: message builds on global version {head.base} but "
-                              f"this node holds {None if held is None else held[0]}; the "
-                              "server must send the full model")
-        state = held[1]
-        if head.base != head.version:
+        state = _base_state(context, head, initial_state)
+        steps = head.version - head.base
+        if steps > MAX_CHAIN:
+            raise DecodeError(f"downlink: a catch-up of {steps} steps exceeds {MAX_CHAIN}")
+        if steps:
             if DELTA not in content.array_records:
                 raise DecodeError(f"downlink: version {head.base} -> {head.version} without "
                                   f"a {DELTA!r} record")
-            payload = payload_from_record(content.array_records[DELTA], "downlink")
-            limit = sum(state[k].numel() for k in float_keys(state))
-            delta = decode_update(payload, max_elements=max(limit, 1)).tensors
-            for k, v in delta.items():
-                if k not in state or v.shape != state[k].shape:
-                    raise DecodeError(f"downlink: delta tensor {k!r} does not fit the held "
-                                      "model")
-            state = apply_delta(state, delta)
+            limit = max(sum(state[k].numel() for k in float_keys(state)), 1)
+            for payload in chain_from_record(content.array_records[DELTA], steps, "downlink"):
+                delta = decode_update(payload, max_elements=limit).tensors
+                for k, v in delta.items():
+                    if k not in state or v.shape != state[k].shape:
+                        raise DecodeError(f"downlink: delta tensor {k!r} does not fit the "
+                                          "held model")
+                state = apply_delta(state, delta)  # step by step, as the server did
     if head.keep:
         context.state[STATE_GLOBAL] = state_record(state)
         context.state[STATE_META] = ConfigRecord({"stream": head.stream,
@@ -148,8 +175,24 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
                                 raw_bytes=sum(start[k].numel() * 4 for k in keys)).to_record()
 
 
+def make_compression_mod(initial_state: InitialState | None = None) -> Mod:
+    """A ``compression_mod``; ``initial_state(context)`` (optional) builds the run's
+    round-0 model on the node, so a server with ``shared_init`` need not send it."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        return _compression(msg, context, call_next, initial_state)
+
+    mod.__name__ = mod.__qualname__ = "compression_mod"
+    return mod
+
+
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower client mod: decompress the downlink, compress the app's train reply."""
+    return _compression(msg, context, call_next, None)
+
+
+def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
+                 initial_state: InitialState | None) -> Message:
     header = msg.content.config_records.get(DOWN)
     if header is None:  # not from a fedslim-compressed server: stock behaviour
         return call_next(msg, context)
@@ -157,7 +200,7 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
         head = DownlinkHeader.from_record(header)
     except Exception as exc:
         raise DecodeError(f"downlink header: {exc}") from None
-    start = receive_global(msg, context, head)
+    start = receive_global(msg, context, head, initial_state)
     content = msg.content
     for key in (DOWN, DELTA):
         if key in content:

@@ -46,7 +46,7 @@ from fedslim.strategies.distill import Distilled, Distiller
 from fedslim.strategies.registry import build_strategy
 from fedslim.strategies.wrapper import NodeGuard, Offset, StrategyWrapper
 from fedslim.task.data import Splits, load_splits
-from fedslim.task.models import build_model, count_params
+from fedslim.task.models import count_params, seeded_model
 from fedslim.task.train import evaluate, select_device
 
 # Keys that may differ between an interrupted run and its resumption.
@@ -55,9 +55,9 @@ RESUME_FREE_KEYS = {"num-server-rounds", "resume", "output-dir", "progress", "ro
 
 
 def initial_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
-    """The round-0 global model: seeded, so every run with this seed starts equal."""
-    torch.manual_seed(cfg.fed.seed)
-    return build_model(cfg.train.model, splits.input_shape, splits.num_classes)
+    """The round-0 global model: seeded, so every run with this seed starts equal, and
+    fedslim's ClientApp builds the same one instead of downloading it."""
+    return seeded_model(cfg.train.model, cfg.fed.seed, splits.input_shape, splits.num_classes)
 
 
 def _check_resumable(ckpt: Checkpoint, cfg: RunConfig, path: Path) -> None:
@@ -91,7 +91,9 @@ def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
     strategy: StrategyWrapper = Compressed(
         inner, uplink=cfg.comp.uplink, downlink=cfg.comp.downlink,
         error_feedback=cfg.comp.error_feedback, warmup_rounds=cfg.comp.warmup_rounds,
-        seed=cfg.fed.seed, collector=collector)
+        seed=cfg.fed.seed, collector=collector,
+        # fedslim's ClientApp builds the seeded round-0 model itself (not after a resume)
+        shared_init=round_offset == 0)
     strategy = NodeGuard(strategy, cfg.fed.min_available_nodes, cfg.fed.node_timeout)
     if round_offset:
         strategy = Offset(strategy, round_offset)

@@ -90,12 +90,17 @@ class Compressed(StrategyWrapper):
         Seeds the clients' stochastic rounding (with node and round).
     collector : RoundCollector, optional
         Where round reports go (a private one if not given; see :attr:`collector`).
+    shared_init : bool
+        The initial arrays are the run's seeded round-0 model, which every node can
+        build itself (fedslim's ClientApp does; a ClientApp whose ``compression_mod`` was
+        made with ``initial_state``): nodes are not sent it, and prove by CRC that they
+        hold it. A node that cannot gets the full model.
     """
 
     def __init__(self, strategy: Strategy, *, uplink: str | PipelineSpec = "none",
                  downlink: str | PipelineSpec = "none", error_feedback: bool = True,
                  warmup_rounds: int = 0, seed: int = 0,
-                 collector: RoundCollector | None = None) -> None:
+                 collector: RoundCollector | None = None, shared_init: bool = False) -> None:
         super().__init__(strategy)
         self.uplink = parse_spec(uplink)
         self.downlink = Downlink(parse_spec(downlink))
@@ -109,6 +114,7 @@ class Compressed(StrategyWrapper):
         self.decoder = UplinkDecoder()
         self._arrays_key: str | None = None
         self._round = 0
+        self.shared_init = shared_init and self.downlink.compress
 
     def summary(self) -> None:
         log.info("\t├──> fedslim compression: uplink=%s downlink=%s error-feedback=%s",
@@ -138,7 +144,8 @@ class Compressed(StrategyWrapper):
                 stream=self.stream, version=self.downlink.version, base=base, arrays_key=key,
                 uplink=str(self.uplink_at(server_round)), error_feedback=self.error_feedback,
                 keep=self.downlink.compress, server_round=server_round,
-                seed=self.seed).to_record()
+                seed=self.seed,
+                init_crc=self.downlink.init_crc if kind == "init" else 0).to_record()
             new = Message(content=content, dst_node_id=node,
                           message_type=msg.metadata.message_type,
                           group_id=msg.metadata.group_id)
@@ -152,6 +159,8 @@ class Compressed(StrategyWrapper):
         self.ledger.reset()
         self._round = server_round
         self.downlink.sync(arrays)
+        if self.shared_init and not self.downlink.init_version:
+            self.downlink.share_init()
         msgs = self.strategy.configure_train(server_round, arrays, config, grid)
         return self._outgoing(msgs, arrays, server_round)
 

@@ -10,8 +10,14 @@ next version. Client and server apply the same decoded delta with the same
 Per node, a message is one of three kinds:
 
 * ``current`` - the node holds this version already: no arrays at all;
-* ``delta``   - the node holds the previous version: the payload of the last step;
-* ``full``    - anything else (first contact, missed rounds, a failed reply): the full
+* ``delta``   - the node holds an earlier version that is at most ``max_chain`` steps old:
+  the payloads of the steps it missed, in order (a catch-up chain), when their bytes are
+  fewer than the full model's; the node applies them one by one, exactly as the server
+  did, so the copies stay bit-identical;
+* ``init``    - with ``shared_init``, a node the server knows nothing about builds the run's
+  seeded round-0 model itself (checked by CRC) and gets the chain from there, when the
+  chain is short and cheap enough; a node that fails to gets the full model from then on;
+* ``full``    - anything else (first contact, a copy too old, a failed reply): the full
   float32 model, exactly as stock Flower sends it.
 
 A node's version is only trusted once it has answered a message carrying it; an error
@@ -20,33 +26,45 @@ reply or a rejected update makes the server forget it (full model next time).
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Literal
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from fedslim.compression import ErrorFeedback, PipelineSpec, encode_update
-from fedslim.flower_io import apply_delta, payload_record, state_crc, state_record, to_state
+from fedslim.flower_io import apply_delta, chain_record, state_crc, state_record, to_state
 from fedslim.protocol import DELTA
 from fedslim.strategies.aggregate import State, float_keys
 
-Kind = Literal["full", "delta", "current"]
+Kind = Literal["full", "delta", "current", "init"]
 
 
 class Downlink:
     """Global versions, the last step's payload, and the version each node holds."""
 
-    def __init__(self, spec: PipelineSpec) -> None:
+    def __init__(self, spec: PipelineSpec, max_chain: int = 32) -> None:
         self.spec = spec
         self.compress = not spec.is_identity
+        self.max_chain = max_chain
         self.version = 0
         self.state: State = {}
         self.crc = 0
-        self.delta: bytes | None = None          # takes version - 1 to version
+        # steps[i] takes version (first_step + i) to (first_step + i + 1); the last ones only
+        self.steps: deque[bytes] = deque(maxlen=max_chain)
+        self.full_bytes = 0                      # array bytes of the full model
         self.ef = ErrorFeedback()
         self.held: dict[int, int] = {}           # node -> version it acknowledged
         self.sent: dict[int, int] = {}           # node -> version last sent to it
+        self.init_version = 0                    # version nodes can build themselves (0: none)
+        self.init_crc = 0
+        self.no_init: set[int] = set()           # nodes that failed to build it
+        self._planned: dict[int, Kind] = {}
         self._published: ArrayRecord | None = None
+
+    def share_init(self) -> None:
+        """Declare the current version buildable by every node (the seeded round-0 model)."""
+        self.init_version, self.init_crc = self.version, self.crc
 
     # -- the server's side of the versions ---------------------------------------------
     def sync(self, arrays: ArrayRecord) -> State:
@@ -58,7 +76,9 @@ class Downlink:
         crc = state_crc(state)
         if self.version and crc == self.crc and state.keys() == self.state.keys():
             return self.state
-        self.state, self.crc, self.delta = state, crc, None
+        self.state, self.crc = state, crc
+        self.steps.clear()  # an outside change: no chain leads to this version
+        self.full_bytes = sum(v.numel() * v.element_size() for v in state.values())
         self.version += 1
         self._published = arrays
         return self.state
@@ -75,40 +95,52 @@ class Downlink:
             wanted = self.ef.apply({k: target[k].float() - self.state[k] for k in keys})
             payload, sent = encode_update(wanted, self.spec, return_reconstruction=True)
             self.ef.record(wanted, sent)
-            self.delta = payload
+            self.steps.append(payload)
             new = apply_delta(self.state, sent)
         else:
             new = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
                    for k, v in target.items()}
-            self.delta = None
         self.state, self.crc = new, state_crc(new)
         self.version += 1
         self._published = state_record(new)
         return self._published
 
     # -- per node ------------------------------------------------------------------------
-    def kind_for(self, node: int) -> Kind:
+    def chain_for(self, held: int) -> list[bytes] | None:
+        """The step payloads from version ``held`` to the current one, if kept."""
+        missed = self.version - held
+        if not 0 < missed <= len(self.steps):
+            return None
+        return list(self.steps)[len(self.steps) - missed:]
+
+    def plan(self, node: int) -> tuple[Kind, int, list[bytes]]:
+        """(kind, base version or -1, payloads) for ``node``: the cheapest exact update."""
         held = self.held.get(node) if self.compress else None
+        if held is None:
+            if not self.init_version or node in self.no_init:
+                return "full", -1, []
+            chain = [] if self.version == self.init_version else self.chain_for(
+                self.init_version)
+            if chain is None or sum(len(p) for p in chain) >= self.full_bytes:
+                return "full", -1, []
+            return "init", self.init_version, chain
         if held == self.version:
-            return "current"
-        if held is not None and held == self.version - 1 and self.delta is not None:
-            return "delta"
-        return "full"
+            return "current", held, []
+        chain = self.chain_for(held)
+        if chain is None or sum(len(p) for p in chain) >= self.full_bytes:
+            return "full", -1, []
+        return "delta", held, chain
 
     def content_for(self, node: int, content: RecordDict, arrays_key: str
                     ) -> tuple[RecordDict, Kind, int]:
         """A copy of ``content`` for ``node``: (new content, kind, base version or -1)."""
-        kind = self.kind_for(node)
+        kind, base, chain = self.plan(node)
         out = RecordDict({k: v for k, v in content.items()
                           if kind == "full" or k != arrays_key})
-        base = -1
-        if kind == "delta":
-            assert self.delta is not None
-            out[DELTA] = payload_record(self.delta)
-            base = self.version - 1
-        elif kind == "current":
-            base = self.version
+        if chain:
+            out[DELTA] = chain_record(chain)
         self.sent[node] = self.version
+        self._planned[node] = kind
         return out, kind, base
 
     def acknowledge(self, node: int) -> None:
@@ -119,6 +151,8 @@ class Downlink:
     def forget(self, node: int) -> None:
         """``node``'s copy is unknown (error, rejected reply): full model next time."""
         self.held.pop(node, None)
+        if self._planned.get(node) == "init":
+            self.no_init.add(node)
 
     # -- checkpoint ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ class ByteLedger:
         return self.report.per_node.setdefault(str(node), NodeBytes())
 
     def sent(self, msg: Message, kind: str) -> int:
-        """Count an instruction; ``kind`` is ``full``, ``delta`` or ``current``."""
+        """Count an instruction; ``kind`` is ``full``, ``delta``, ``current`` or ``init``."""
         size = message_bytes(msg)
         r = self.report
         if msg.metadata.message_type == MessageType.TRAIN:
@@ -38,6 +38,7 @@ class ByteLedger:
         r.full_model_messages += kind == "full"
         r.delta_messages += kind == "delta"
         r.current_messages += kind == "current"
+        r.init_messages += kind == "init"
         self._node(msg.metadata.dst_node_id).downlink_bytes += size
         return size
 

@@ -33,6 +33,14 @@ def build_model(name: str, input_shape: InputShape = (1, 8, 8), num_classes: int
     return MODELS[name](tuple(input_shape), num_classes)
 
 
+def seeded_model(name: str, seed: int, input_shape: InputShape, num_classes: int
+                 ) -> nn.Module:
+    """The run's round-0 model: the same weights in every process that knows the seed (on
+    CPU), so nodes can build it themselves instead of downloading it."""
+    torch.manual_seed(seed)
+    return build_model(name, input_shape, num_classes)
+
+
 def _channels(input_shape: InputShape) -> int:
     if len(input_shape) != 3:
         raise RegistryError(f"this model needs images of shape (C, H, W), got examples of "

@@ -1,0 +1,68 @@
+"""Plots for the communication benchmark: frontier (bytes reduction vs accuracy) and
+curves (accuracy vs cumulative bytes). Points carry numbers and a legend below the axes, so
+labels never overlap or get cut; every title says which seeds it shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MARKERS = "os^vD<>ph*Xd"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def frontier(summary: list[dict[str, Any]], path: Path, ratio_key: str, xlabel: str,
+             title: str, selected_key: str) -> None:
+    """Mean test accuracy vs mean ``ratio_key`` per setting (log x)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    for i, s in enumerate(summary):
+        chosen = s.get(selected_key, False)
+        ax.errorbar(s[ratio_key], 100 * s["test"], yerr=100 * s["test_sd"], fmt="none",
+                    ecolor="0.7", zorder=2)
+        ax.scatter(s[ratio_key], 100 * s["test"], s=110 if chosen else 45,
+                   marker="*" if chosen else MARKERS[i % len(MARKERS)], zorder=3,
+                   label=f"{i + 1}. {s['setting']}" + ("  (selected on val)" if chosen else ""))
+        ax.annotate(str(i + 1), (s[ratio_key], 100 * s["test"]), fontsize=8,
+                    xytext=(5, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final central test accuracy (%), mean ± sd over seeds")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
+              frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def curves(rows: list[dict[str, Any]], seed: int, path: Path, bytes_key: str, xlabel: str,
+           title: str) -> None:
+    """Accuracy vs cumulative bytes for every setting of one seed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 6.5))
+    for r in rows:
+        if r["seed"] != seed:
+            continue
+        xs = [c[bytes_key] / 1e6 for c in r["curve"]]
+        ax.plot(xs, [100 * c["test_accuracy"] for c in r["curve"]], label=r["setting"],
+                lw=1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("central test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
+              frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
