@@ -234,6 +234,10 @@ class CompressionConfig:
         "downlink", "Server-to-client pipeline for the global model *delta* (`none` = full "
         "float32 model every round). The server decodes its own payload, so clients and "
         "server hold bit-identical weights with any pipeline."))
+    shared_init: bool = field(default=True, metadata=key(
+        "shared-init", "With a compressing `downlink`, nodes build the seeded round-0 model "
+        "themselves (checked by CRC) instead of downloading it. fedslim's ClientApp can; "
+        "set false for a ClientApp whose compression_mod has no `initial_state`."))
     error_feedback: bool = field(default=True, metadata=key(
         "error-feedback", "Clients add what compression dropped to their next update."))
     warmup_rounds: int = field(default=0, metadata=key(

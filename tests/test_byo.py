@@ -42,7 +42,8 @@ def test_quickstart_client_reading_config_lr_runs_against_fedslims_server(tmp_pa
         return call_next(msg, context)
 
     cfg = parse_run_config({**BLOBS, "output-dir": str(tmp_path), "client.lr": "0.1",
-                            "uplink": "topk:0.25|q:8", "downlink": "topk:0.25|q:8"})
+                            "uplink": "topk:0.25|q:8", "downlink": "topk:0.25|q:8",
+                            "shared-init": False})  # the quickstart mod cannot build it
     assert dict(cfg.client) == {"lr": 0.1}
     grid = LoopbackGrid(make_quickstart_app([compression_mod, spy]), 3)
     res = run_server(grid, cfg)
@@ -73,7 +74,8 @@ def test_a_client_without_the_mod_is_rejected_loudly_and_failed_evaluations_coun
     """Under downlink compression a stock client (no mod) is told what is missing (train
     rejects), still gets full models to evaluate; evaluation failures are rejects too."""
     cfg = parse_run_config({**BLOBS, "output-dir": str(tmp_path), "client.lr": 0.1,
-                            "downlink": "topk:0.25|q:8", "num-server-rounds": 2})
+                            "downlink": "topk:0.25|q:8", "num-server-rounds": 2,
+                            "shared-init": False})
     res = run_server(LoopbackGrid(make_quickstart_app(), 3), cfg)
     for r in res.rounds:
         train = [x for x in r.rejects if x.phase == "train"]
@@ -86,7 +88,8 @@ def test_a_client_without_the_mod_is_rejected_loudly_and_failed_evaluations_coun
         return call_next(msg, context)
 
     cfg = parse_run_config({**BLOBS, "output-dir": str(tmp_path / "b"), "client.lr": 0.1,
-                            "downlink": "topk:0.25|q:8", "num-server-rounds": 2})
+                            "downlink": "topk:0.25|q:8", "num-server-rounds": 2,
+                            "shared-init": False})
     res = run_server(LoopbackGrid(make_quickstart_app([compression_mod, broken_eval]), 3), cfg)
     for r in res.rounds:
         assert r.evaluate_failures == 3 and r.evaluate_replies == 0 and r.replies == 3

@@ -93,7 +93,7 @@ def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
         error_feedback=cfg.comp.error_feedback, warmup_rounds=cfg.comp.warmup_rounds,
         seed=cfg.fed.seed, collector=collector,
         # fedslim's ClientApp builds the seeded round-0 model itself (not after a resume)
-        shared_init=round_offset == 0)
+        shared_init=cfg.comp.shared_init and round_offset == 0)
     strategy = NodeGuard(strategy, cfg.fed.min_available_nodes, cfg.fed.node_timeout)
     if round_offset:
         strategy = Offset(strategy, round_offset)

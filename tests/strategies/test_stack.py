@@ -220,3 +220,26 @@ def test_a_run_whose_nodes_never_come_ends_with_an_error_not_a_hang():
     with pytest.raises(NodesUnavailable, match="2 node.*3 needed.*node-timeout"):
         _run(strategy, grid, rounds=1)
     assert time.monotonic() - t0 < 5
+
+
+def test_shared_init_sends_no_model_and_falls_back_for_nodes_that_cannot_build_it():
+    from fedslim.client import make_compression_mod
+    from fedslim.flower_io import to_state
+
+    init = initial_arrays()
+
+    def build(context):  # what fedslim's ClientApp does: the seeded model, rebuilt here
+        return to_state(initial_arrays())
+
+    apps = {0: make_quickstart_app([make_compression_mod(build)]),
+            1: make_quickstart_app([make_compression_mod(build)]),
+            2: make_quickstart_app([compression_mod])}  # cannot build it
+    grid = LoopbackGrid(lambda i: apps[i], 3)
+    strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk:0.2|q:4",
+                          downlink="topk:0.2|q:8", shared_init=True)
+    strategy.start(grid, init, num_rounds=3, train_config=TRAIN_CONFIG)
+    first, second = strategy.collector.history[:2]
+    assert first.comm.init_messages == 3 and first.comm.full_model_messages == 0
+    assert [r.node for r in first.rejects] == [3]  # the node without initial_state
+    assert second.comm.full_model_messages == 1 and second.rejects == []
+    assert first.comm.downlink_bytes < 3 * 2_000  # headers only: no weights went down
