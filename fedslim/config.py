@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedslim.compression.grammar import parse_spec
 from fedslim.compression.spec import PipelineSpec
 from fedslim.config_fields import check_registered, flat, key, validate_fields
 from fedslim.errors import ConfigError
@@ -223,6 +224,10 @@ class FederationConfig:
         check_registered("strategy", self.strategy, STRATEGIES, "strategy")
 
 
+AUTO_DOWNLINK = "topk:0.05|q:4"
+AUTO_DOWNLINK_SPEC = parse_spec(AUTO_DOWNLINK)
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
     """Update compression on the wire and the server-side optimizer."""
@@ -230,10 +235,16 @@ class CompressionConfig:
     uplink: PipelineSpec = field(default=PipelineSpec(), metadata=key(
         "uplink", "Client-to-server pipeline spec (`none` = plain float32 arrays, exactly "
         "as stock Flower; e.g. `topk:0.01|q:4`). See docs/compression.md."))
-    downlink: PipelineSpec = field(default=PipelineSpec(), metadata=key(
-        "downlink", "Server-to-client pipeline for the global model *delta* (`none` = full "
-        "float32 model every round). The server decodes its own payload, so clients and "
-        "server hold bit-identical weights with any pipeline."))
+    downlink: PipelineSpec | None = field(default=None, metadata=key(
+        "downlink", "Server-to-client pipeline for the global model's steps: `auto` "
+        "(`none` when `uplink` is `none`, else `" + AUTO_DOWNLINK + "`, the setting "
+        "bench.comm selected on validation data), `none` (the full float32 model every "
+        "round), or a spec. The server decodes its own payload, so clients and server hold "
+        "bit-identical weights with any pipeline."))
+    bind_replies: bool = field(default=True, metadata=key(
+        "bind-replies", "Every reply must carry the header binding it to the round and "
+        "version it answers (replay protection, CRC of the node's copy), also with uplink "
+        "and downlink `none`; false lets ClientApps without compression_mod take part."))
     shared_init: bool = field(default=True, metadata=key(
         "shared-init", "With a compressing `downlink`, nodes build the seeded round-0 model "
         "themselves (checked by CRC) instead of downloading it. fedslim's ClientApp can; "
@@ -251,12 +262,30 @@ class CompressionConfig:
         low_open=True))
     server_momentum: float = field(default=0.9, metadata=key(
         "server-momentum", "Momentum for `avgm`; beta1 for `adam`.", low=0.0, high=0.999))
-    max_update_elements: int = field(default=1 << 28, metadata=key(
-        "max-update-elements", "Decoder limit on elements per payload (rejects bombs).",
-        low=1))
+    defence_clip_ratio: float = field(default=3.0, metadata=key(
+        "defence-clip-ratio", "Server defence: an update whose L2 norm exceeds this many "
+        "times the round's median update norm is scaled down to it (needs 3+ replies); 0 "
+        "disables.", low=0.0))
+    defence_reject_ratio: float = field(default=10.0, metadata=key(
+        "defence-reject-ratio", "Server defence: a reply whose update L2 norm exceeds this "
+        "many times the round's median is rejected as hostile (needs 3+ replies); 0 "
+        "disables.", low=0.0))
+    defence_max_norm: float = field(default=0.0, metadata=key(
+        "defence-max-norm", "Server defence: a fixed bound on every update's L2 norm "
+        "(combined with the ratio: the smaller wins); 0 = none.", low=0.0))
+    defence_weight_ratio: float = field(default=2.0, metadata=key(
+        "defence-weight-ratio", "Server defence: a reply's num-examples above this many "
+        "times the round's median is lowered to it; 0 disables.", low=0.0))
 
     def __post_init__(self) -> None:
         validate_fields(self)
+
+    @property
+    def downlink_spec(self) -> PipelineSpec:
+        """``downlink`` with ``auto`` resolved against ``uplink``."""
+        if self.downlink is not None:
+            return self.downlink
+        return PipelineSpec() if self.uplink.is_identity else AUTO_DOWNLINK_SPEC
 
 
 @dataclass(frozen=True)
@@ -346,6 +375,8 @@ def key_table() -> list[tuple[str, str, Any, str]]:
                 tname = "one of " + ", ".join(f"`{m.value}`" for m in typ)
             elif typ is PipelineSpec:
                 tname = "pipeline spec"
+            elif typ == PipelineSpec | None:
+                tname = "`auto` or pipeline spec"
             else:
                 tname = typ.__name__
             rows.append((f.metadata["key"], tname, default, f.metadata["help"]))

@@ -46,14 +46,21 @@ def check_registered(key: str, name: str, registry: Mapping[str, Any], what: str
                           f"{sorted(registry)}")
 
 def flat(value: Any) -> bool | int | float | str:
+    if value is None:
+        return "auto"
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, PipelineSpec):
         return str(value)
     return value
 
+
 def coerce(key: str, value: Any, typ: Any, meta: Mapping[str, Any]) -> Any:
     """Convert one run-config value to the field's type, raising ConfigError on mismatch."""
+    if typ == PipelineSpec | None:  # None is spelled "auto"
+        if value is None or value == "auto":
+            return None
+        typ = PipelineSpec
     if typ is PipelineSpec:
         if isinstance(value, PipelineSpec):
             return value

@@ -28,7 +28,9 @@ claims, so every field is type- and range-checked there.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 from flwr.app import ConfigRecord
 
@@ -64,47 +66,36 @@ STUDENT_FILE = "student.safetensors"
 STUDENT_INT8_FILE = "student_int8.safetensors"
 
 MetricValue = int | float | list[int] | list[float]  # what a MetricRecord holds
-
-_MAX_INT = (1 << 62) - 1
-
-
-def _field(rec: ConfigRecord, key: str, who: str) -> object:
-    if key not in rec:
-        raise UpdateRejected(f"{who}: header lacks {key!r}")
-    return rec[key]
+HEADER_KEY = "h"  # the one (bytes) value of a DOWN / UP ConfigRecord
+_DOWN = struct.Struct("<4sBIIiIQIB")  # magic, ver, stream, version, base, round, seed, init, flags
+_UP = struct.Struct("<4sBIIIIIQ")     # magic, ver, stream, version, round, crc, encode us, raw
 
 
-def _bad(who: str, key: str, value: object, expected: str) -> UpdateRejected:
-    return UpdateRejected(f"{who}: header field {key!r} is {str(value)[:60]!r}, expected "
-                          f"{expected}")
+def _take_str(data: bytes, offset: int, width: int, who: str, what: str) -> tuple[str, int]:
+    """A length-prefixed (``width`` bytes) ASCII string at ``offset``; its end offset."""
+    if len(data) < offset + width:
+        raise UpdateRejected(f"{who}: header truncated before {what}")
+    n = int.from_bytes(data[offset:offset + width], "little")
+    end = offset + width + n
+    if n > 512 or len(data) < end:
+        raise UpdateRejected(f"{who}: header {what} of {n} bytes does not fit")
+    try:
+        return data[offset + width:end].decode("ascii"), end
+    except UnicodeDecodeError:
+        raise UpdateRejected(f"{who}: header {what} is not ASCII") from None
 
 
-def _int(rec: ConfigRecord, key: str, who: str, low: int = 0) -> int:
-    value = _field(rec, key, who)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= _MAX_INT:
-        raise _bad(who, key, value, f"an integer in [{low}, {_MAX_INT}]")
-    return value
+def _put_str(text: str, width: int) -> bytes:
+    raw = text.encode("ascii")
+    return len(raw).to_bytes(width, "little") + raw
 
 
-def _float(rec: ConfigRecord, key: str, who: str) -> float:
-    value = _field(rec, key, who)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not 0.0 <= float(value) < 1e9:
-        raise _bad(who, key, value, "a finite number >= 0")
-    return float(value)
-
-
-def _bool(rec: ConfigRecord, key: str, who: str) -> bool:
-    value = _field(rec, key, who)
-    if not isinstance(value, bool):
-        raise _bad(who, key, value, "a bool")
-    return value
-
-
-def _str(rec: ConfigRecord, key: str, who: str) -> str:
-    value = _field(rec, key, who)
-    if not isinstance(value, str) or len(value) > 256:
-        raise _bad(who, key, value, "a string of at most 256 characters")
+def header_bytes(rec: ConfigRecord, who: str) -> bytes:
+    """The bytes of a header record: one ``bytes`` value under ``HEADER_KEY``."""
+    value = rec.get(HEADER_KEY)
+    if len(rec) != 1 or not isinstance(value, bytes):
+        raise UpdateRejected(f"{who}: header record must hold one bytes value "
+                             f"{HEADER_KEY!r}, has {sorted(rec)[:5]}")
     return value
 
 
@@ -151,22 +142,35 @@ class DownlinkHeader:
     seed: int
     init_crc: int = 0
 
+    MAGIC: ClassVar[bytes] = b"FSDN"
+
+    def pack(self) -> bytes:
+        flags = int(self.error_feedback) | int(self.keep) << 1
+        return (_DOWN.pack(self.MAGIC, 1, self.stream, self.version, self.base,
+                           self.server_round, self.seed, self.init_crc, flags)
+                + _put_str(self.arrays_key, 1) + _put_str(self.uplink, 2))
+
+    @classmethod
+    def unpack(cls, data: bytes, who: str = "downlink") -> DownlinkHeader:
+        if len(data) < _DOWN.size:
+            raise UpdateRejected(f"{who}: header of {len(data)} bytes, need {_DOWN.size}+")
+        magic, ver, stream, version, base, rnd, seed, init_crc, flags = _DOWN.unpack_from(data)
+        if magic != cls.MAGIC or ver != 1 or flags > 3 or base < -1:
+            raise UpdateRejected(f"{who}: not a fedslim v1 downlink header")
+        key, end = _take_str(data, _DOWN.size, 1, who, "arrays key")
+        uplink, end = _take_str(data, end, 2, who, "uplink spec")
+        if end != len(data):
+            raise UpdateRejected(f"{who}: {len(data) - end} trailing header bytes")
+        return cls(stream=stream, version=version, base=base, arrays_key=key, uplink=uplink,
+                   error_feedback=bool(flags & 1), keep=bool(flags & 2), server_round=rnd,
+                   seed=seed, init_crc=init_crc)
+
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({"stream": self.stream, "version": self.version,
-                             "base": self.base, "arrays-key": self.arrays_key,
-                             "uplink": self.uplink, "error-feedback": self.error_feedback,
-                             "keep": self.keep, "round": self.server_round,
-                             "seed": self.seed, "init-crc": self.init_crc})
+        return ConfigRecord({HEADER_KEY: self.pack()})
 
     @classmethod
     def from_record(cls, rec: ConfigRecord) -> DownlinkHeader:
-        who = "downlink"
-        return cls(stream=_int(rec, "stream", who), version=_int(rec, "version", who),
-                   base=_int(rec, "base", who, low=-1), arrays_key=_str(rec, "arrays-key", who),
-                   uplink=_str(rec, "uplink", who),
-                   error_feedback=_bool(rec, "error-feedback", who),
-                   keep=_bool(rec, "keep", who), server_round=_int(rec, "round", who),
-                   seed=_int(rec, "seed", who), init_crc=_int(rec, "init-crc", who))
+        return cls.unpack(header_bytes(rec, "downlink"))
 
 
 @dataclass(frozen=True)
@@ -186,19 +190,34 @@ class UplinkHeader:
     encode_seconds: float
     raw_bytes: int
 
+    MAGIC: ClassVar[bytes] = b"FSUP"
+
+    def pack(self) -> bytes:
+        micros = min(int(self.encode_seconds * 1e6), (1 << 32) - 1)
+        return _UP.pack(self.MAGIC, 1, self.stream, self.version, self.server_round,
+                        self.global_crc, micros, self.raw_bytes) + _put_str(self.arrays_key, 1)
+
+    @classmethod
+    def unpack(cls, data: bytes, who: str) -> tuple[UplinkHeader, int]:
+        """Parse an untrusted header at the start of ``data``; (header, bytes used)."""
+        if len(data) < _UP.size:
+            raise UpdateRejected(f"{who}: uplink header of {len(data)} bytes, need "
+                                 f"{_UP.size}+")
+        magic, ver, stream, version, rnd, crc, micros, raw = _UP.unpack_from(data)
+        if magic != cls.MAGIC or ver != 1:
+            raise UpdateRejected(f"{who}: not a fedslim v1 uplink header")
+        key, end = _take_str(data, _UP.size, 1, who, "arrays key")
+        return cls(stream=stream, version=version, server_round=rnd, global_crc=crc,
+                   arrays_key=key, encode_seconds=micros / 1e6, raw_bytes=raw), end
+
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({"stream": self.stream, "version": self.version,
-                             "round": self.server_round, "global-crc": self.global_crc,
-                             "arrays-key": self.arrays_key,
-                             "encode-seconds": self.encode_seconds,
-                             "raw-bytes": self.raw_bytes})
+        return ConfigRecord({HEADER_KEY: self.pack()})
 
     @classmethod
     def from_record(cls, rec: ConfigRecord, who: str) -> UplinkHeader:
-        """Parse an untrusted header: every field type- and range-checked."""
-        return cls(stream=_int(rec, "stream", who), version=_int(rec, "version", who),
-                   server_round=_int(rec, "round", who),
-                   global_crc=_int(rec, "global-crc", who),
-                   arrays_key=_str(rec, "arrays-key", who),
-                   encode_seconds=_float(rec, "encode-seconds", who),
-                   raw_bytes=_int(rec, "raw-bytes", who))
+        """Parse an untrusted header record (plain replies, evaluate acknowledgments)."""
+        data = header_bytes(rec, who)
+        header, end = cls.unpack(data, who)
+        if end != len(data):
+            raise UpdateRejected(f"{who}: {len(data) - end} trailing header bytes")
+        return header

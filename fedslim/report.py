@@ -53,6 +53,16 @@ class Reject:
 
 
 @dataclass
+class Defence:
+    """What a server-side defence did to one reply (or to the round, node 0)."""
+
+    node: int
+    action: str                  # "weight-capped", "norm-clipped", "aggregate-dropped"
+    detail: str
+    partition: int | None = None
+
+
+@dataclass
 class NodeBytes:
     uplink_bytes: int = 0
     downlink_bytes: int = 0
@@ -148,6 +158,7 @@ class RoundReport:
     evaluate_replies: int = 0
     evaluate_failures: int = 0
     rejects: list[Reject] = field(default_factory=list)
+    defences: list[Defence] = field(default_factory=list)
     comm: CommReport | None = None
     comm_cumulative: CommTotals | None = None
     distill: DistillReport | None = None

@@ -37,20 +37,23 @@ from fedslim.bench.runner import simulate_subprocess
 
 _MOMENTUM = {"server-opt": "avgm", "server-momentum": 0.5}
 _UP = {"uplink": "topk:0.01|q:4", **_MOMENTUM}
+_ONE_WAY = {"downlink": "none"}
 
 # Fixed in advance (not tuned on test). The first block compresses the uplink only (the
 # first release's table); the second compresses both directions (downlink = the server's
-# step through its own codec and error feedback).
+# step through its own codec and error feedback; `downlink=auto`, the default, is the one
+# the total selection picks).
 SETTINGS: dict[str, dict[str, Any]] = {
     "none (FedAvg)": {"uplink": "none"},
-    "q:8": {"uplink": "q:8"},
-    "topk 1% + q4 (EF)": {"uplink": "topk:0.01|q:4"},
-    "topk 1% + q4, warm-up 4": {"uplink": "topk:0.01|q:4", "warmup-rounds": 4},
-    "topk 1% + q4, server momentum": dict(_UP),
-    "topk 1% + q4, no EF": {"uplink": "topk:0.01|q:4", "error-feedback": False},
-    "topk 0.5% + q4": {"uplink": "topk:0.005|q:4"},
-    "topk 1% + q2": {"uplink": "topk:0.01|q:2"},
-    "topk 2% + q4": {"uplink": "topk:0.02|q:4"},
+    "q:8": {"uplink": "q:8", **_ONE_WAY},
+    "topk 1% + q4 (EF)": {"uplink": "topk:0.01|q:4", **_ONE_WAY},
+    "topk 1% + q4, warm-up 4": {"uplink": "topk:0.01|q:4", "warmup-rounds": 4, **_ONE_WAY},
+    "topk 1% + q4, server momentum": {**_UP, **_ONE_WAY},
+    "topk 1% + q4, no EF": {"uplink": "topk:0.01|q:4", "error-feedback": False,
+                            **_ONE_WAY},
+    "topk 0.5% + q4": {"uplink": "topk:0.005|q:4", **_ONE_WAY},
+    "topk 1% + q2": {"uplink": "topk:0.01|q:2", **_ONE_WAY},
+    "topk 2% + q4": {"uplink": "topk:0.02|q:4", **_ONE_WAY},
     "both ways: down topk 10% + q8": {**_UP, "downlink": "topk:0.1|q:8"},
     "both ways: down topk 10% + q4": {**_UP, "downlink": "topk:0.1|q:4"},
     "both ways: down topk 5% + q4": {**_UP, "downlink": "topk:0.05|q:4"},

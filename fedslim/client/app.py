@@ -92,11 +92,12 @@ def _number(conf: ConfigRecord, key: str, default: float) -> float:
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None,
-                    mods: list[Mod] | None = None) -> ClientApp:
+                    mods: list[Mod] | None = None,
+                    inner_mods: list[Mod] | None = None) -> ClientApp:
     """Build the ClientApp; ``overrides`` win over ``context.run_config``.
 
-    ``mods`` are extra Flower client mods, placed outside ``compression_mod`` (so they see
-    encoded replies).
+    ``mods`` are extra Flower client mods placed outside ``compression_mod`` (they see
+    encoded replies); ``inner_mods`` go inside it (they see plain weights).
     """
     def initial_state(context: Context) -> dict[str, torch.Tensor]:
         cfg = parse_run_config(context.run_config, overrides)
@@ -105,7 +106,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
                              splits.num_classes)
         return model.state_dict()
 
-    client_app = ClientApp(mods=[*(mods or []), make_compression_mod(initial_state)])
+    client_app = ClientApp(mods=[*(mods or []), make_compression_mod(initial_state),
+                                 *(inner_mods or [])])
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -112,9 +112,11 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader,
             if DELTA not in content.array_records:
                 raise DecodeError(f"downlink: version {head.base} -> {head.version} without "
                                   f"a {DELTA!r} record")
-            limit = max(sum(state[k].numel() for k in float_keys(state)), 1)
+            keys = float_keys(state)
+            limit = max(sum(state[k].numel() for k in keys), 1)
+            schema = {k: tuple(state[k].shape) for k in keys}
             for payload in chain_from_record(content.array_records[DELTA], steps, "downlink"):
-                delta = decode_update(payload, max_elements=limit).tensors
+                delta = decode_update(payload, max_elements=limit, schema=schema).tensors
                 for k, v in delta.items():
                     if k not in state or v.shape != state[k].shape:
                         raise DecodeError(f"downlink: delta tensor {k!r} does not fit the "
@@ -158,6 +160,7 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
     spec = parse_spec(head.uplink)
     keys = float_keys(start)
     t0 = time.perf_counter()
+    payload = b""
     if not spec.is_identity:
         update = {k: local[k] - start[k] for k in keys}
         ef = _error_feedback(context, head.stream) if head.error_feedback else None
@@ -169,10 +172,13 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
             ef.record(update, sent)
             context.state[STATE_EF] = ArrayRecord(ef.state_dict())
             context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream})
+    header = _header(head, start, encode_seconds=time.perf_counter() - t0,
+                     raw_bytes=sum(start[k].numel() * 4 for k in keys))
+    if spec.is_identity:  # plain weights: the header rides in its own small record
+        reply.content[UP] = header.to_record()
+    else:  # one array: the header, then the wire payload
         del reply.content[key]
-        reply.content[PAYLOAD] = payload_record(payload)
-    reply.content[UP] = _header(head, start, encode_seconds=time.perf_counter() - t0,
-                                raw_bytes=sum(start[k].numel() * 4 for k in keys)).to_record()
+        reply.content[PAYLOAD] = payload_record(header.pack() + payload)
 
 
 def make_compression_mod(initial_state: InitialState | None = None) -> Mod:

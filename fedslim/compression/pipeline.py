@@ -264,7 +264,9 @@ def _values_from_record(rec: TensorRecord, device: torch.device, where: str) -> 
 
 def decode_update(payload: bytes | bytearray | memoryview, *,
                   max_elements: int = DEFAULT_MAX_ELEMENTS,
-                  device: str | torch.device = "cpu") -> DecodedUpdate:
+                  device: str | torch.device = "cpu",
+                  expected_spec: PipelineSpec | str | None = None,
+                  schema: Mapping[str, tuple[int, ...]] | None = None) -> DecodedUpdate:
     """Validate and decode a payload made by :func:`encode_update`.
 
     Parameters
@@ -274,8 +276,15 @@ def decode_update(payload: bytes | bytearray | memoryview, *,
     max_elements : int
         Upper bound on the total elements of all tensors; checked before any allocation, so
         a hostile header cannot make the decoder allocate more than ~4 bytes per element.
+        A receiver passes its model's size.
     device : str or torch.device
         Where the decoded tensors are materialised.
+    expected_spec : PipelineSpec or str, optional
+        The pipeline the receiver asked for; another one is rejected when the spec string
+        is read, before any record.
+    schema : mapping of name -> shape, optional
+        The receiver's tensors: a record with another name or shape is rejected when its
+        header is read, before its data.
 
     Raises
     ------
@@ -286,7 +295,24 @@ def decode_update(payload: bytes | bytearray | memoryview, *,
     """
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise DecodeError(f"payload must be bytes-like, got {type(payload).__name__}")
-    spec_text, records = read_payload(payload, max_elements)
+    try:
+        return _decode(payload, max_elements, device, expected_spec, schema)
+    except DecodeError:
+        raise
+    except (MemoryError, ValueError, TypeError, OverflowError, IndexError, KeyError,
+            RuntimeError) as exc:  # whatever a hostile payload provokes: still typed
+        raise DecodeError(f"malformed payload ({type(exc).__name__}: {exc})") from None
+
+
+def _decode(payload: bytes | bytearray | memoryview, max_elements: int,
+            device: str | torch.device, expected_spec: PipelineSpec | str | None,
+            schema: Mapping[str, tuple[int, ...]] | None) -> DecodedUpdate:
+    if isinstance(payload, memoryview) and not payload.contiguous:
+        payload = payload.tobytes()
+    if max_elements > 1 << 40:
+        raise DecodeError(f"max_elements={max_elements} is beyond any model (2^40 cap)")
+    expected = None if expected_spec is None else str(parse_spec(expected_spec))
+    spec_text, records = read_payload(payload, max_elements, expected, schema)
     try:
         spec = parse_spec(spec_text)
     except SpecError as exc:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from types import ModuleType
@@ -232,15 +233,25 @@ def read_header(payload: bytes | bytearray | memoryview) -> memoryview:
     return body
 
 
-def read_payload(payload: bytes | bytearray | memoryview, max_elements: int
+def read_payload(payload: bytes | bytearray | memoryview, max_elements: int,
+                 expected_spec: str | None = None,
+                 schema: Mapping[str, tuple[int, ...]] | None = None
                  ) -> tuple[str, list[TensorRecord]]:
-    """Parse and structurally validate a payload into its spec string and records."""
+    """Parse and structurally validate a payload into its spec string and records.
+
+    ``expected_spec`` (canonical text) and ``schema`` (name -> shape) make the reader
+    reject a payload of another pipeline, or with a tensor the receiver does not have or
+    of another shape, as soon as the spec string or that record's header is read --
+    before anything sized by the payload is sliced, inflated or allocated.
+    """
     rd = _Reader(read_header(payload), HEADER.size)
     spec_bytes = rd.take(rd.varint("spec length"), "spec string")
     try:
         spec = bytes(spec_bytes).decode("ascii")
     except UnicodeDecodeError:
         raise rd.fail("spec string is not ASCII") from None
+    if expected_spec is not None and spec != expected_spec:
+        raise rd.fail(f"payload uses pipeline {spec[:80]!r}, expected {expected_spec!r}")
     n_tensors = rd.varint("tensor count")
     if n_tensors > len(rd.buf) - rd.pos:  # each record is at least a few bytes
         raise rd.fail(f"tensor count {n_tensors} exceeds the bytes left")
@@ -249,7 +260,7 @@ def read_payload(payload: bytes | bytearray | memoryview, max_elements: int
     budget, previous = max_elements, b""
     for i in range(n_tensors):
         rd.where = f"tensor #{i}"
-        rec, previous = _read_record(rd, budget, previous)
+        rec, previous = _read_record(rd, budget, previous, schema)
         if rec.name in names:
             raise rd.fail(f"duplicate tensor name {rec.name!r}")
         names.add(rec.name)
@@ -268,7 +279,9 @@ def _enum(rd: _Reader, cls: type[IntEnum], value: int, what: str) -> IntEnum:  #
         raise rd.fail(f"unknown {what} {value}") from None
 
 
-def _read_record(rd: _Reader, budget: int, previous: bytes) -> tuple[TensorRecord, bytes]:
+def _read_record(rd: _Reader, budget: int, previous: bytes,
+                 schema: Mapping[str, tuple[int, ...]] | None = None
+                 ) -> tuple[TensorRecord, bytes]:
     shared = rd.varint("shared name prefix")
     if shared > len(previous):
         raise rd.fail(f"name shares {shared} bytes with a previous name of {len(previous)}")
@@ -285,6 +298,9 @@ def _read_record(rd: _Reader, budget: int, previous: bytes) -> tuple[TensorRecor
     if ndim > MAX_NDIM:
         raise rd.fail(f"ndim {ndim} > {MAX_NDIM}")
     shape = tuple(rd.varint("dimension") for _ in range(ndim))
+    if schema is not None and schema.get(name) != shape:
+        raise rd.fail(f"tensor of shape {shape} is not in the receiver's model (expected "
+                      + (f"shape {schema[name]})" if name in schema else "one of its names)"))
     numel = 1
     for d in shape:  # python ints cannot overflow: <= 32 factors below 2**64
         numel *= d

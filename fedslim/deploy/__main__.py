@@ -45,6 +45,9 @@ def deploy(
         help="Logs, FLWR_HOME and run-config file (default: <output-dir>/deploy)")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds for the whole deployment.")
                        ] = 3600.0,
+    restart_nodes: Annotated[bool, typer.Option(
+        "--restart-nodes", help="Start a SuperNode again when it dies (default: go on "
+        "with the others while min-train-nodes remain).")] = False,
 ) -> None:
     """Run fedslim on a local SuperLink + SuperNodes (real processes, 127.0.0.1)."""
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
@@ -62,7 +65,7 @@ def deploy(
         outdir = Path(str(send["output-dir"]))
         work = (workdir or outdir / "deploy").resolve()
         results = run_local_deployment(num_clients, overrides, app,
-                                       work, timeout)
+                                       work, timeout, restart_nodes)
     except ConfigError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

@@ -126,11 +126,15 @@ class LocalDeployment:
         Where status goes (stderr by default).
     """
 
-    def __init__(self, num_clients: int, workdir: Path, console: Console | None = None
-                 ) -> None:
+    def __init__(self, num_clients: int, workdir: Path, console: Console | None = None,
+                 min_nodes: int = 1, restart_nodes: bool = False) -> None:
         if num_clients < 1:
             raise DeployError(f"num_clients must be >= 1, got {num_clients}")
         self.num_clients = num_clients
+        self.min_nodes = min_nodes          # the run goes on while this many SuperNodes live
+        self.restart_nodes = restart_nodes  # start a SuperNode again when it dies
+        self.node_args: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self.lost: list[str] = []           # "supernode-i (exit code c)" for the report
         self.workdir = Path(workdir).expanduser().resolve()
         self.log_dir = self.workdir / "logs"
         self.flwr_home = self.workdir / "flwr_home"
@@ -168,6 +172,30 @@ class LocalDeployment:
     def pids(self) -> list[int]:
         return [p.popen.pid for p in self.procs.procs]
 
+    def check_nodes(self) -> None:
+        """The SuperLink must live; a dead SuperNode is reported and restarted (if asked)
+        or written off, and the run goes on while ``min_nodes`` remain."""
+        self.procs.check_alive([SUPERLINK])
+        live = {p.name: p for p in self.procs.procs if p.name in self.node_args}
+        dead = [p for p in live.values() if p.exited() is not None]
+        for p in dead:
+            self.procs.procs.remove(p)
+            self.lost.append(f"{p.name} (exit code {p.exited()})")
+            if self.restart_nodes:
+                self.console.print(f"[yellow]{p.name} died (exit code {p.exited()}); "
+                                   "restarting it[/yellow]", soft_wrap=True)
+                argv, env = self.node_args[p.name]
+                self.procs.start(p.name, argv, extra_env=env)
+            else:
+                self.console.print(f"[yellow]{p.name} died (exit code {p.exited()}); "
+                                   f"{len(live) - len(dead)} SuperNodes left[/yellow]",
+                                   soft_wrap=True)
+        alive = sum(1 for p in self.procs.procs if p.name in self.node_args)
+        if alive < self.min_nodes:
+            raise DeployError(f"only {alive} SuperNode(s) left, the run needs {self.min_nodes} "
+                              f"(min-train-nodes); lost: {', '.join(self.lost)}; logs in "
+                              f"{self.log_dir}")
+
     # -- steps -----------------------------------------------------------------------
     def start(self, deadline: float) -> None:
         """Start the SuperLink and the SuperNodes; return once all nodes are online."""
@@ -182,15 +210,17 @@ class LocalDeployment:
         self.timings["superlink"] = time.monotonic() - t0
         threads = str(max(1, (os.cpu_count() or 1) // self.num_clients))
         for i, node_port in enumerate(node_ports):
-            self.procs.start(f"supernode-{i}", [
+            name = f"supernode-{i}"
+            self.node_args[name] = ([
                 _executable("flower-supernode"), "--insecure",
                 "--superlink", f"127.0.0.1:{self.port}",
                 "--node-config", f"partition-id={i} num-partitions={self.num_clients}",
                 "--host", "127.0.0.1", "--port", str(node_port)],
                 # Own FLWR_HOME per node (each unpacks the app there); N trainers share
                 # the CPU cores, so keep torch from oversubscribing them.
-                extra_env={"FLWR_HOME": str(self.flwr_home / f"supernode-{i}"),
-                           "OMP_NUM_THREADS": self.env.get("OMP_NUM_THREADS", threads)})
+                {"FLWR_HOME": str(self.flwr_home / name),
+                 "OMP_NUM_THREADS": self.env.get("OMP_NUM_THREADS", threads)})
+            self.procs.start(name, self.node_args[name][0], extra_env=self.node_args[name][1])
         self._wait_for_nodes(deadline)
         self.timings["start"] = time.monotonic() - t0
 
@@ -241,7 +271,6 @@ class LocalDeployment:
         config_file.write_text(tomli_w.dumps(dict(send)))
         stale = _signature(results)  # a results.json from an earlier run never counts
         t0 = time.monotonic()
-        longrunning = [p.name for p in self.procs.procs]
         flwr_run = self.procs.start(FLWR_RUN, [
             _executable("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION,
             "--run-config", str(config_file), "--stream"])
@@ -260,7 +289,7 @@ class LocalDeployment:
                     self.console.print(f"[green]run {run_id} finished[/green] in "
                                        f"{self.timings['run']:.1f}s", soft_wrap=True)
                     return results
-                self.procs.check_alive(longrunning)
+                self.check_nodes()
                 run_id = run_id or _run_id(flwr_run.log)
                 status.update(_progress(run_id, res))
 
@@ -345,7 +374,8 @@ def _progress(run_id: str | None, res: RunResults | None) -> str:
 
 
 def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
-                         app_dir: Path, workdir: Path, timeout: float) -> Path:
+                         app_dir: Path, workdir: Path, timeout: float,
+                         restart_nodes: bool = False) -> Path:
     """Run the app on a SuperLink + ``num_clients`` SuperNodes (real processes, loopback).
 
     Parameters
@@ -361,6 +391,9 @@ def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
         Logs (``logs/<process>.log``), ``flwr_home/`` and the run-config file.
     timeout
         Seconds for the whole deployment, start-up included.
+    restart_nodes
+        Start a SuperNode again if it dies; otherwise the run goes on with the others
+        while at least ``min-train-nodes`` remain (the loss is reported).
 
     Returns
     -------
@@ -381,11 +414,15 @@ def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
     check_output_dir(cfg)
     results = Path(str(send["output-dir"])) / RESULTS_FILE
     deadline = time.monotonic() + timeout
-    dep = LocalDeployment(num_clients, workdir)
+    dep = LocalDeployment(num_clients, workdir, min_nodes=cfg.fed.min_train_nodes,
+                          restart_nodes=restart_nodes)
     with dep:
         dep.console.print(f"logs: {dep.log_dir}", soft_wrap=True)
         dep.start(deadline)
         dep.run(app_dir, send, results, deadline)
     dep.console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in dep.timings.items()),
                       soft_wrap=True)
+    if dep.lost:
+        dep.console.print(f"[yellow]SuperNodes lost during the run: {', '.join(dep.lost)}"
+                          "[/yellow]", soft_wrap=True)
     return results

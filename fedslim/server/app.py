@@ -2,7 +2,8 @@
 
 The stack is assembled from the same public parts a user would use in their own app::
 
-    Offset(Compressed(Distilled(<strategy>, Distiller(...)), uplink=..., downlink=...))
+    Offset(NodeGuard(Compressed(Guarded(Distilled(<strategy>, Distiller(...))),
+                                uplink=..., downlink=...)))
 
 (``Distilled`` only with ``distill=true``; ``Offset`` only when resuming). The parts
 report into one :class:`~fedslim.report.RoundCollector`; the central evaluation closes
@@ -43,6 +44,7 @@ from fedslim.server.recorder import RunRecorder
 from fedslim.server.storage import Checkpoint, load_checkpoint, save_checkpoint, save_model
 from fedslim.strategies.compressed import Compressed
 from fedslim.strategies.distill import Distilled, Distiller
+from fedslim.strategies.guard import Guarded
 from fedslim.strategies.registry import build_strategy
 from fedslim.strategies.wrapper import NodeGuard, Offset, StrategyWrapper
 from fedslim.task.data import Splits, load_splits
@@ -88,12 +90,17 @@ def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
         distiller = Distiller(cfg.distill, splits, cfg.train.model, device, cfg.fed.seed)
         inner = Distilled(inner, distiller, num_rounds=cfg.fed.num_server_rounds,
                           collector=collector)
+    inner = Guarded(inner, clip_ratio=cfg.comp.defence_clip_ratio,
+                    max_norm=cfg.comp.defence_max_norm,
+                    weight_ratio=cfg.comp.defence_weight_ratio,
+                    reject_ratio=cfg.comp.defence_reject_ratio, collector=collector)
     strategy: StrategyWrapper = Compressed(
-        inner, uplink=cfg.comp.uplink, downlink=cfg.comp.downlink,
+        inner, uplink=cfg.comp.uplink, downlink=cfg.comp.downlink_spec,
         error_feedback=cfg.comp.error_feedback, warmup_rounds=cfg.comp.warmup_rounds,
         seed=cfg.fed.seed, collector=collector,
         # fedslim's ClientApp builds the seeded round-0 model itself (not after a resume)
-        shared_init=cfg.comp.shared_init and round_offset == 0)
+        shared_init=cfg.comp.shared_init and round_offset == 0,
+        bind=cfg.comp.bind_replies)
     strategy = NodeGuard(strategy, cfg.fed.min_available_nodes, cfg.fed.node_timeout)
     if round_offset:
         strategy = Offset(strategy, round_offset)

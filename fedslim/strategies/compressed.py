@@ -43,6 +43,7 @@ from fedslim.strategies.ledger import ByteLedger
 from fedslim.strategies.uplink import (
     Expected,
     UplinkDecoder,
+    check_metrics,
     check_weight,
     partition_of,
 )
@@ -90,6 +91,10 @@ class Compressed(StrategyWrapper):
         Seeds the clients' stochastic rounding (with node and round).
     collector : RoundCollector, optional
         Where round reports go (a private one if not given; see :attr:`collector`).
+    bind : bool
+        Frame every message even with ``uplink="none"`` and ``downlink="none"``: replies
+        must then carry the header that binds them to the round and version they answer
+        (replay protection, CRC of the node's copy), so every client needs the mod.
     shared_init : bool
         The initial arrays are the run's seeded round-0 model, which every node can
         build itself (fedslim's ClientApp does; a ClientApp whose ``compression_mod`` was
@@ -100,15 +105,18 @@ class Compressed(StrategyWrapper):
     def __init__(self, strategy: Strategy, *, uplink: str | PipelineSpec = "none",
                  downlink: str | PipelineSpec = "none", error_feedback: bool = True,
                  warmup_rounds: int = 0, seed: int = 0,
-                 collector: RoundCollector | None = None, shared_init: bool = False) -> None:
-        super().__init__(strategy)
+                 collector: RoundCollector | None = None, shared_init: bool = False,
+                 bind: bool = False) -> None:
+        super().__init__(strategy, collector, reports=True)
+        self.collector: RoundCollector = self.collector or RoundCollector()
+        if isinstance(strategy, StrategyWrapper):  # one stack, one collector
+            strategy.share_collector(self.collector)
         self.uplink = parse_spec(uplink)
         self.downlink = Downlink(parse_spec(downlink))
         self.error_feedback = error_feedback
         self.warmup_rounds = warmup_rounds
         self.seed = seed
-        self.collector = collector if collector is not None else RoundCollector()
-        self.plain = self.uplink.is_identity and not self.downlink.compress
+        self.plain = self.uplink.is_identity and not self.downlink.compress and not bind
         self.stream = secrets.randbits(31)
         self.ledger = ByteLedger()
         self.decoder = UplinkDecoder()
@@ -236,8 +244,9 @@ class Compressed(StrategyWrapper):
                 self._reject(report, msg, "evaluate", f"client error: {msg.error.reason}")
                 continue
             try:
-                check_weight(next(iter(msg.content.metric_records.values()), None),
-                             f"node {msg.metadata.src_node_id}", allow_zero=True)
+                metrics = next(iter(msg.content.metric_records.values()), None)
+                check_weight(metrics, f"node {msg.metadata.src_node_id}", allow_zero=True)
+                check_metrics(metrics, f"node {msg.metadata.src_node_id}")  # type: ignore[arg-type]
             except FedslimError as exc:
                 self._reject(report, msg, "evaluate", str(exc))
                 continue

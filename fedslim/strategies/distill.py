@@ -140,11 +140,11 @@ class Distilled(StrategyWrapper):
 
     def __init__(self, strategy: Strategy, distiller: Distiller, *, num_rounds: int,
                  arrays_key: str = "arrays", collector: RoundCollector | None = None) -> None:
-        super().__init__(strategy)
+        super().__init__(strategy, collector, reports=True)
+        self.collector: RoundCollector = self.collector or RoundCollector()
         self.distiller = distiller
         self.num_rounds = num_rounds
         self.arrays_key = arrays_key
-        self.collector = collector if collector is not None else RoundCollector()
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
 from fedslim.compression import PipelineSpec, decode_update
@@ -50,6 +51,9 @@ class Decoded:
     decode_seconds: float
 
 
+MAX_EXAMPLES = 1e12  # no client holds more; beyond 2^53 a count is not even an integer
+
+
 def check_weight(metrics: MetricRecord | None, who: str, allow_zero: bool = False) -> float:
     """The reply's ``num-examples`` as a positive (or, if allowed, zero) finite float."""
     if metrics is None or NUM_EXAMPLES not in metrics:
@@ -57,10 +61,30 @@ def check_weight(metrics: MetricRecord | None, who: str, allow_zero: bool = Fals
     value = metrics[NUM_EXAMPLES]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UpdateRejected(f"{who}: {NUM_EXAMPLES} is {str(value)[:40]!r}, expected a number")
-    if not math.isfinite(float(value)) or value < 0 or (value == 0 and not allow_zero):
-        raise UpdateRejected(f"{who}: {NUM_EXAMPLES} is {value}, expected a positive finite "
-                             "number")
+    if not math.isfinite(float(value)) or value < 0 or (value == 0 and not allow_zero) \
+            or value > MAX_EXAMPLES:
+        raise UpdateRejected(f"{who}: {NUM_EXAMPLES} is {value}, expected a positive count "
+                             f"of at most {MAX_EXAMPLES:.0e}")
     return float(value)
+
+
+def check_metrics(metrics: MetricRecord, who: str) -> None:
+    """Every metric a client sends is a finite number (or a list of them), at most 1024
+    of them; ``partition-id``, when present, is an integer in [0, 2^31)."""
+    if len(metrics) > 1024:
+        raise UpdateRejected(f"{who}: {len(metrics)} metrics, at most 1024 are accepted")
+    for key, value in metrics.items():
+        values = value if isinstance(value, list) else [value]
+        if len(values) > 1 << 16 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v) for v in values):
+            raise UpdateRejected(f"{who}: metric {key[:60]!r} is {str(value)[:60]!r}, "
+                                 "expected finite numbers")
+    if PARTITION_ID in metrics:
+        pid = metrics[PARTITION_ID]
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < 1 << 31:
+            raise UpdateRejected(f"{who}: {PARTITION_ID} is {str(pid)[:60]!r}, expected an "
+                                 "integer >= 0")
 
 
 def partition_of(msg: Message) -> int | None:
@@ -94,24 +118,39 @@ class UplinkDecoder:
     def decode(self, msg: Message, base: State, exp: Expected) -> Decoded:
         who = f"node {msg.metadata.src_node_id}"
         content = msg.content
-        weight = check_weight(_metrics(content, who), who)
+        metrics = _metrics(content, who)
+        check_metrics(metrics, who)
+        weight = check_weight(metrics, who)
         t0 = time.perf_counter()
-        encode_seconds = 0.0
-        header_rec = content.config_records.get(UP)
-        if header_rec is None and exp.framed:
-            raise UpdateRejected(f"{who}: reply lacks the {UP!r} header; add "
-                                 "fedslim.client.compression_mod to the ClientApp's mods")
-        if header_rec is not None:
-            header = UplinkHeader.from_record(header_rec, who)
-            self.check_binding(header, exp, who)
-            encode_seconds = header.encode_seconds
+        header, payload = self._header(content, exp, who)
         out = RecordDict({k: v for k, v in content.items() if k not in (UP, PAYLOAD)})
         if exp.spec.is_identity:  # plain arrays: validated, passed on as the client sent them
             self._plain(content, base, exp.arrays_key, who)
         else:
-            out[exp.arrays_key] = state_record(self._payload(content, base, exp.spec, who))
-        return Decoded(content=out, weight=weight, encode_seconds=encode_seconds,
+            out[exp.arrays_key] = state_record(self._payload(payload, base, exp.spec, who))
+        return Decoded(content=out, weight=weight,
+                       encode_seconds=header.encode_seconds if header else 0.0,
                        decode_seconds=time.perf_counter() - t0)
+
+    def _header(self, content: RecordDict, exp: Expected, who: str
+                ) -> tuple[UplinkHeader | None, bytes]:
+        """The uplink header (in the payload array, or a record for plain replies), checked
+        against what the reply must answer; and the wire payload after it."""
+        header, payload = None, b""
+        if PAYLOAD in content.array_records:
+            data = payload_from_record(content.array_records[PAYLOAD], who)
+            header, used = UplinkHeader.unpack(data, who)
+            payload = data[used:]
+        elif UP in content.config_records:
+            header = UplinkHeader.from_record(content.config_records[UP], who)
+        elif exp.framed:
+            raise UpdateRejected(f"{who}: reply lacks the {UP!r} header; add "
+                                 "fedslim.client.compression_mod to the ClientApp's mods")
+        if header is not None:
+            self.check_binding(header, exp, who)
+        elif not exp.spec.is_identity:
+            raise UpdateRejected(f"{who}: reply has no {PAYLOAD!r} record (uplink={exp.spec})")
+        return header, payload
 
     @staticmethod
     def check_binding(h: UplinkHeader, exp: Expected, who: str) -> None:
@@ -154,19 +193,22 @@ class UplinkDecoder:
                                      f"expected {expected[k]}")
 
     @staticmethod
-    def _payload(content: RecordDict, base: State, spec: PipelineSpec, who: str) -> State:
-        if PAYLOAD not in content.array_records:
-            raise UpdateRejected(f"{who}: reply has no {PAYLOAD!r} record (uplink={spec})")
-        payload = payload_from_record(content.array_records[PAYLOAD], who)
+    def _payload(payload: bytes, base: State, spec: PipelineSpec, who: str) -> State:
         fkeys = float_keys(base)
         limit = sum(base[k].numel() for k in fkeys)
-        decoded = decode_update(payload, max_elements=max(limit, 1))
+        schema = {k: tuple(base[k].shape) for k in fkeys}
+        decoded = decode_update(payload, max_elements=max(limit, 1), expected_spec=spec,
+                                schema=schema)
         if decoded.spec != spec:
             raise UpdateRejected(f"{who}: payload uses pipeline {str(decoded.spec)!r}, the "
                                  f"server asked for {str(spec)!r}")
         update = decoded.tensors
         validate_update(update, {k: tuple(base[k].shape) for k in fkeys}, who)
-        return {k: base[k] + update[k] if k in update else base[k] for k in base}
+        weights = {k: base[k] + update[k] if k in update else base[k] for k in base}
+        for k in update:
+            if not bool(torch.isfinite(weights[k]).all()):
+                raise UpdateRejected(f"{who}: global + update overflows to Inf in {k!r}")
+        return weights
 
 
 __all__ = ["Decoded", "Expected", "UplinkDecoder", "check_weight", "partition_of",

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedslim.errors import FedslimError
+from fedslim.report import RoundCollector
 
 INNER = "inner/"
 
@@ -44,10 +45,25 @@ def load_state_of(obj: object, state: dict[str, torch.Tensor]) -> None:
 
 
 class StrategyWrapper(Strategy):
-    """Delegates every hook to ``strategy``; subclasses override the ones they change."""
+    """Delegates every hook to ``strategy``; subclasses override the ones they change.
 
-    def __init__(self, strategy: Strategy) -> None:
+    A wrapper that reports (``collector``) and was not given one joins the collector of
+    the wrapper around it (:meth:`share_collector`), so one stack reports into one place.
+    """
+
+    def __init__(self, strategy: Strategy, collector: RoundCollector | None = None,
+                 reports: bool = False) -> None:
         self.strategy = strategy
+        self.collector: RoundCollector | None = (
+            (collector if collector is not None else RoundCollector()) if reports else None)
+        self._collector_given = collector is not None
+
+    def share_collector(self, collector: RoundCollector) -> None:
+        """Report into ``collector`` (unless given one), and make inner wrappers do so."""
+        if self.collector is not None and not self._collector_given:
+            self.collector = collector
+        if isinstance(self.strategy, StrategyWrapper):
+            self.strategy.share_collector(collector)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -8,6 +8,7 @@ run the same stacks in Flower's simulation engine.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,18 +17,28 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedslim.client import compression_mod
 from fedslim.config import ServerOpt
-from fedslim.flower_io import state_crc, to_state
-from fedslim.protocol import STATE_GLOBAL, STATE_META, UP
+from fedslim.flower_io import payload_from_record, payload_record, state_crc, to_state
+from fedslim.protocol import (
+    DOWN,
+    PAYLOAD,
+    STATE_GLOBAL,
+    STATE_META,
+    UP,
+    DownlinkHeader,
+    UplinkHeader,
+)
 from fedslim.strategies import Compressed, FedslimFedAvg
 from tests.apps import NODES, STACKS, initial_arrays, make_quickstart_app
 from tests.loopback import LoopbackGrid
 
-TRAIN_CONFIG = ConfigRecord({"lr": 0.1})
+
+def train_config() -> ConfigRecord:
+    return ConfigRecord({"lr": 0.1})  # fresh each time: strategies write into it
 
 
 def _run(strategy, grid, rounds=2):
     return strategy.start(grid, initial_arrays(), num_rounds=rounds,
-                          train_config=TRAIN_CONFIG, evaluate_config=ConfigRecord())
+                          train_config=train_config(), evaluate_config=ConfigRecord())
 
 
 def _states_equal(a: ArrayRecord, b: ArrayRecord) -> bool:
@@ -85,7 +96,7 @@ def test_client_and_server_copies_stay_bit_identical_with_missed_rounds():
     crc_of: dict[int, int] = {}
     arrays = initial_arrays()
     for rnd in range(1, 7):
-        msgs = strategy.configure_train(rnd, arrays, TRAIN_CONFIG, grid)
+        msgs = strategy.configure_train(rnd, arrays, train_config(), grid)
         crc_of[strategy.downlink.version] = strategy.downlink.crc
         new, _ = strategy.aggregate_train(rnd, grid.send_and_receive(msgs))
         assert new is not None and strategy.collector.current.rejects == []
@@ -98,10 +109,10 @@ def test_client_and_server_copies_stay_bit_identical_with_missed_rounds():
                 assert state_crc(state) == crc_of[int(meta["version"])]
                 held += 1
         assert held >= 2
-    heads = [m.content.config_records["fedslim.down"] for m in grid.sent]
-    steps = [int(h["version"]) - int(h["base"]) for h in heads if int(h["base"]) >= 0]
+    heads = [DownlinkHeader.from_record(m.content.config_records[DOWN]) for m in grid.sent]
+    steps = [h.version - h.base for h in heads if h.base >= 0]
     assert any(s >= 2 for s in steps), steps  # catch-up chains for nodes that missed rounds
-    assert any(int(h["base"]) == -1 for h in heads[2:])  # first contact: the full model
+    assert any(h.base == -1 for h in heads[2:])  # first contact: the full model
 
 
 def test_stock_client_without_the_mod_is_told_what_is_missing():
@@ -127,17 +138,20 @@ def _hostile(kind):
                 return reply
             old = stash["first"]
             return Message(content=old.content, reply_to=msg)
-        up = reply.content[UP]
+        data = payload_from_record(reply.content.array_records[PAYLOAD], "test")
+        header, used = UplinkHeader.unpack(data, "test")
         if kind == "crc":
-            up["global-crc"] = (int(up["global-crc"]) + 1) % (1 << 32)
+            header = replace(header, global_crc=(header.global_crc + 1) % (1 << 32))
+            data = header.pack() + data[used:]
         elif kind == "no-header":
-            del reply.content[UP]
+            data = data[used:]  # the bare wire payload
         elif kind == "weight-inf":
             reply.content["metrics"]["num-examples"] = float("inf")
         elif kind == "weight-list":
             reply.content["metrics"]["num-examples"] = [1, 2]
         elif kind == "header-type":
-            up["version"] = "7"
+            data = b"FSXX" + data[4:]
+        reply.content[PAYLOAD] = payload_record(data)
         return reply
 
     return mod
@@ -146,10 +160,10 @@ def _hostile(kind):
 @pytest.mark.parametrize("kind,fragment", [
     ("replay", "stale or replayed"),
     ("crc", "differs from the server"),
-    ("no-header", "compression_mod"),
+    ("no-header", "not a fedslim v1 uplink header"),
     ("weight-inf", "num-examples"),
     ("weight-list", "num-examples"),
-    ("header-type", "'version'"),
+    ("header-type", "not a fedslim v1 uplink header"),
 ])
 def test_hostile_reply_is_rejected_and_the_round_goes_on(kind, fragment):
     grid = LoopbackGrid(make_quickstart_app([_hostile(kind), compression_mod]), 4)
@@ -166,14 +180,15 @@ def test_hostile_reply_is_rejected_and_the_round_goes_on(kind, fragment):
 def test_payload_with_another_pipeline_than_asked_is_rejected():
     def other_spec(msg, context, call_next):
         if int(context.node_config["partition-id"]) == 2:
-            msg.content["fedslim.down"]["uplink"] = "topk:0.5|q:8"
+            head = DownlinkHeader.from_record(msg.content.config_records[DOWN])
+            msg.content[DOWN] = replace(head, uplink="topk:0.5|q:8").to_record()
         return call_next(msg, context)
 
     grid = LoopbackGrid(make_quickstart_app([other_spec, compression_mod]), 3)
     strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk:0.1|q:4")
     _run(strategy, grid, rounds=1)
     rejects = strategy.collector.current.rejects
-    assert len(rejects) == 1 and "asked for 'topk:0.1|q:4'" in rejects[0].reason
+    assert len(rejects) == 1 and "expected 'topk:0.1|q:4'" in rejects[0].reason
 
 
 def test_stack_state_round_trips_through_the_wrapper():
@@ -237,7 +252,7 @@ def test_shared_init_sends_no_model_and_falls_back_for_nodes_that_cannot_build_i
     grid = LoopbackGrid(lambda i: apps[i], 3)
     strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="topk:0.2|q:4",
                           downlink="topk:0.2|q:8", shared_init=True)
-    strategy.start(grid, init, num_rounds=3, train_config=TRAIN_CONFIG)
+    strategy.start(grid, init, num_rounds=3, train_config=train_config())
     first, second = strategy.collector.history[:2]
     assert first.comm.init_messages == 3 and first.comm.full_model_messages == 0
     assert [r.node for r in first.rejects] == [3]  # the node without initial_state

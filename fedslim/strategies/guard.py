@@ -1,0 +1,161 @@
+"""``Guarded(strategy)``: server-side defences against hostile or broken (valid-looking)
+updates, around any strategy that aggregates plain weights.
+
+:class:`~fedslim.strategies.compressed.Compressed` rejects what is malformed; a reply can
+still be well-formed and harmful: an update scaled by 1e6, a sign-flipped update claiming
+``num-examples=1e9``, a constant 3e38 that turns the next average into Inf. Put
+``Guarded`` inside ``Compressed`` (it needs plain weights) and outside what aggregates::
+
+    Compressed(Guarded(FedAvg(), clip_ratio=3.0, weight_ratio=2.0), uplink=...)
+
+Per round, with the global model the replies started from:
+
+* **weight cap** -- a reply's ``num-examples`` above ``weight_ratio`` x the round's median is
+  lowered to that (the reply's MetricRecord is rewritten, so any inner strategy sees it);
+* **outlier rejection** -- an update whose L2 norm exceeds ``reject_ratio`` x the round's
+  median update norm (3+ replies) is not a large honest update but a hostile or broken one
+  (e.g. scaled by 1e6, or every weight set to 3e38): the reply is rejected;
+* **norm bound** -- an update (reply weights - global) whose L2 norm exceeds the bound is
+  scaled down onto it; the bound is ``clip_ratio`` x the round's median update norm (needs
+  3+ replies), capped by ``max_norm`` when that is set;
+* **finite aggregate** -- if the inner strategy still returns NaN/Inf, the round is
+  dropped and the global model kept (it can never become NaN).
+
+Every action is reported per node in the round's ``defences``. Robust aggregation (median,
+trimmed mean, Krum) is the inner strategy's job: ``strategy=fedmedian|fedtrimmedavg|krum``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedslim.flower_io import state_record, to_state
+from fedslim.protocol import NUM_EXAMPLES
+from fedslim.report import Defence, Reject, RoundCollector
+from fedslim.strategies.aggregate import State, float_keys
+from fedslim.strategies.uplink import check_weight, partition_of
+from fedslim.strategies.wrapper import StrategyWrapper
+
+log = logging.getLogger("flwr").getChild("fedslim")
+
+
+def update_norm(local: State, base: State, keys: list[str]) -> float:
+    """L2 norm of ``local - base`` over ``keys``, accumulated in float64."""
+    total = 0.0
+    for k in keys:
+        total += float(torch.sum((local[k].double() - base[k].double()) ** 2))
+    return math.sqrt(total)
+
+
+def norm_bound(norms: list[float], clip_ratio: float, max_norm: float) -> float:
+    """The round's bound: ``clip_ratio`` x median (3+ norms), capped by ``max_norm``."""
+    bound = math.inf
+    if clip_ratio > 0 and len(norms) >= 3:
+        ordered = sorted(norms)
+        median = ordered[len(ordered) // 2] if len(ordered) % 2 else 0.5 * (
+            ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2])
+        bound = clip_ratio * median
+    if max_norm > 0:
+        bound = min(bound, max_norm)
+    return bound
+
+
+class Guarded(StrategyWrapper):
+    """Weight cap, norm bound and a finite-aggregate check around ``strategy``."""
+
+    def __init__(self, strategy: Strategy, *, clip_ratio: float = 3.0, max_norm: float = 0.0,
+                 weight_ratio: float = 2.0, reject_ratio: float = 10.0,
+                 arrays_key: str = "arrays",
+                 collector: RoundCollector | None = None) -> None:
+        super().__init__(strategy, collector, reports=True)
+        self.collector: RoundCollector = self.collector or RoundCollector()
+        self.clip_ratio, self.max_norm, self.weight_ratio = clip_ratio, max_norm, weight_ratio
+        self.reject_ratio = reject_ratio
+        self.arrays_key = arrays_key
+        self.base: State = {}
+        self._base_arrays: ArrayRecord | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if arrays is not self._base_arrays:
+            self.base, self._base_arrays = to_state(arrays), arrays
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def _act(self, server_round: int, msg: Message, action: str, detail: str) -> None:
+        node = msg.metadata.src_node_id
+        log.warning("round %s, node %s: %s (%s)", server_round, node, action, detail)
+        self.collector.open(server_round).defences.append(
+            Defence(node=node, partition=partition_of(msg), action=action, detail=detail))
+
+    def _cap_weights(self, server_round: int, replies: list[Message]) -> None:
+        weights = [check_weight(next(iter(m.content.metric_records.values()), None), "")
+                   for m in replies]  # validated by the decoder: positive and finite
+        if self.weight_ratio <= 0 or len(weights) < 3:
+            return
+        cap = self.weight_ratio * sorted(weights)[len(weights) // 2]
+        for msg, w in zip(replies, weights, strict=True):
+            if w > cap:
+                rec = next(iter(msg.content.metric_records.values()))
+                rec[NUM_EXAMPLES] = int(cap) if isinstance(rec[NUM_EXAMPLES], int) else cap
+                self._act(server_round, msg, "weight-capped",
+                          f"num-examples {w:g} > {self.weight_ratio:g} x median; set to {cap:g}")
+
+    def _bound_norms(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Reject outliers, clip the rest onto the bound; return the replies kept."""
+        keys = float_keys(self.base)
+        locals_ = [to_state(m.content.array_records[self.arrays_key]) for m in replies]
+        norms = [update_norm(loc, self.base, keys) for loc in locals_]
+        outlier = norm_bound(norms, self.reject_ratio, 0.0)
+        bound = norm_bound(norms, self.clip_ratio, self.max_norm)
+        kept = []
+        for msg, loc, norm in zip(replies, locals_, norms, strict=True):
+            if norm > outlier:
+                self._reject(server_round, msg, f"update norm {norm:.4g} is over "
+                             f"{self.reject_ratio:g} x the round's median ({outlier:.4g})")
+                continue
+            kept.append(msg)
+            if norm <= bound:
+                continue
+            scale = bound / norm
+            clipped = {k: (self.base[k] + (loc[k] - self.base[k]) * scale) if k in keys
+                       else loc[k] for k in loc}
+            msg.content[self.arrays_key] = state_record(clipped)
+            self._act(server_round, msg, "norm-clipped",
+                      f"update norm {norm:.4g} > bound {bound:.4g}; scaled by {scale:.3g}")
+        return kept
+
+    def _reject(self, server_round: int, msg: Message, reason: str) -> None:
+        node = msg.metadata.src_node_id
+        log.warning("rejected train reply from node %s: %s", node, reason)
+        report = self.collector.open(server_round)
+        report.rejects.append(Reject(node=node, phase="train", reason=reason,
+                                     partition=partition_of(msg)))
+        report.replies, report.failures = report.replies - 1, report.failures + 1
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        ok = [m for m in replies if not m.has_error()
+              and self.arrays_key in m.content.array_records]
+        if ok and self.base:
+            self._cap_weights(server_round, ok)
+            ok = self._bound_norms(server_round, ok)
+        if not ok:
+            return None, None
+        arrays, metrics = self.strategy.aggregate_train(server_round, ok)
+        if arrays is not None and not all(
+                bool(torch.isfinite(v).all()) for v in to_state(arrays).values()
+                if v.is_floating_point()):
+            log.warning("round %s: the aggregate holds NaN/Inf; the global model is kept",
+                        server_round)
+            self.collector.open(server_round).defences.append(Defence(
+                node=0, partition=None, action="aggregate-dropped",
+                detail="the aggregated model held NaN/Inf; the round was dropped"))
+            return None, metrics
+        return arrays, metrics
