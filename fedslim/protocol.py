@@ -67,7 +67,7 @@ STUDENT_INT8_FILE = "student_int8.safetensors"
 
 MetricValue = int | float | list[int] | list[float]  # what a MetricRecord holds
 HEADER_KEY = "h"  # the one (bytes) value of a DOWN / UP ConfigRecord
-_DOWN = struct.Struct("<4sBIIiIQIB")  # magic, ver, stream, version, base, round, seed, init, flags
+_DOWN = struct.Struct("<4sBIIiIQIBQ")  # magic ver stream version base round seed init flags lineage
 _UP = struct.Struct("<4sBIIIIIQ")     # magic, ver, stream, version, round, crc, encode us, raw
 
 
@@ -129,6 +129,9 @@ class DownlinkHeader:
     init_crc : int
         Nonzero: the node does not hold ``base``; it builds it itself (the run's seeded
         round-0 model, whose CRC this is) and then applies the delta chain.
+    lineage : int
+        Identifies the run across resumptions (0: none); a node may persist its
+        error-feedback residual under it and pick it up after the server resumes.
     """
 
     stream: int
@@ -141,20 +144,22 @@ class DownlinkHeader:
     server_round: int
     seed: int
     init_crc: int = 0
+    lineage: int = 0
 
     MAGIC: ClassVar[bytes] = b"FSDN"
 
     def pack(self) -> bytes:
         flags = int(self.error_feedback) | int(self.keep) << 1
         return (_DOWN.pack(self.MAGIC, 1, self.stream, self.version, self.base,
-                           self.server_round, self.seed, self.init_crc, flags)
+                           self.server_round, self.seed, self.init_crc, flags, self.lineage)
                 + _put_str(self.arrays_key, 1) + _put_str(self.uplink, 2))
 
     @classmethod
     def unpack(cls, data: bytes, who: str = "downlink") -> DownlinkHeader:
         if len(data) < _DOWN.size:
             raise UpdateRejected(f"{who}: header of {len(data)} bytes, need {_DOWN.size}+")
-        magic, ver, stream, version, base, rnd, seed, init_crc, flags = _DOWN.unpack_from(data)
+        (magic, ver, stream, version, base, rnd, seed, init_crc, flags,
+         lineage) = _DOWN.unpack_from(data)
         if magic != cls.MAGIC or ver != 1 or flags > 3 or base < -1:
             raise UpdateRejected(f"{who}: not a fedslim v1 downlink header")
         key, end = _take_str(data, _DOWN.size, 1, who, "arrays key")
@@ -163,7 +168,7 @@ class DownlinkHeader:
             raise UpdateRejected(f"{who}: {len(data) - end} trailing header bytes")
         return cls(stream=stream, version=version, base=base, arrays_key=key, uplink=uplink,
                    error_feedback=bool(flags & 1), keep=bool(flags & 2), server_round=rnd,
-                   seed=seed, init_crc=init_crc)
+                   seed=seed, init_crc=init_crc, lineage=lineage)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({HEADER_KEY: self.pack()})

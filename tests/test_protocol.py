@@ -23,7 +23,7 @@ def test_headers_round_trip_and_are_small():
     assert used == len(UP.pack()) and up == replace(UP, encode_seconds=0.012345)
     assert UplinkHeader.from_record(UP.to_record(), "n") == UP
     assert DownlinkHeader.from_record(DOWN.to_record()) == DOWN
-    assert len(UP.pack()) <= 40 and len(DOWN.pack()) <= 60
+    assert len(UP.pack()) <= 40 and len(DOWN.pack()) <= 72
 
 
 @settings(max_examples=400, deadline=None)

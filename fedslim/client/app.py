@@ -15,6 +15,7 @@ Flower's in-process simulation passes an empty ``run_config``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,7 +107,12 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
                              splits.num_classes)
         return model.state_dict()
 
-    client_app = ClientApp(mods=[*(mods or []), make_compression_mod(initial_state),
+    def state_dir(context: Context) -> Path | None:
+        cfg = parse_run_config(context.run_config, overrides)
+        return Path(cfg.fed.output_dir).expanduser() / "client-state"
+
+    client_app = ClientApp(mods=[*(mods or []),
+                                 make_compression_mod(initial_state, state_dir),
                                  *(inner_mods or [])])
 
     @client_app.train()

@@ -19,11 +19,15 @@ Mod order: Flower runs mods first to last around the app; mods listed *before*
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from fedslim.compression import ErrorFeedback, decode_update, encode_update, parse_spec
 from fedslim.errors import DecodeError, EncodeError
@@ -48,8 +52,11 @@ from fedslim.protocol import (
     DownlinkHeader,
     UplinkHeader,
 )
+from fedslim.server.storage import save_model
 from fedslim.strategies.aggregate import State, float_keys
 from fedslim.task.train import make_generator
+
+log = logging.getLogger("flwr").getChild("fedslim")
 
 MAX_CHAIN = 256  # catch-up steps a node accepts in one message (the server keeps <= 32)
 
@@ -134,15 +141,49 @@ def _node_key(context: Context) -> int:
     return pid if isinstance(pid, int) and not isinstance(pid, bool) else int(context.node_id)
 
 
-def _error_feedback(context: Context, stream: int) -> ErrorFeedback:
+StateDir = Callable[[Context], Path | None]
+
+
+def _ef_file(state_dir: StateDir | None, context: Context, head: DownlinkHeader
+             ) -> Path | None:
+    if state_dir is None or not head.lineage:
+        return None
+    directory = state_dir(context)
+    return None if directory is None else directory / f"ef-{_node_key(context)}.safetensors"
+
+
+def _error_feedback(context: Context, head: DownlinkHeader, path: Path | None
+                    ) -> ErrorFeedback:
+    """This node's residual: from ``context.state`` (same server stream), else from its
+    file (same run lineage, an earlier round: the server resumed), else zero."""
     meta = context.state.config_records.get(STATE_EF_META)
     rec = context.state.array_records.get(STATE_EF)
-    if rec is None or meta is None or meta.get("stream") != stream:
-        return ErrorFeedback()  # a new server-side stream: old residuals do not apply
-    return ErrorFeedback.from_state(to_state(rec))
+    if rec is not None and meta is not None and meta.get("stream") == head.stream:
+        return ErrorFeedback.from_state(to_state(rec))
+    if path is not None and path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                info = fh.metadata() or {}
+            if (info.get("lineage") == str(head.lineage)
+                    and int(info.get("round", "0")) < head.server_round):
+                return ErrorFeedback.from_state(load_file(str(path)))
+        except Exception as exc:  # a damaged file is a lost residual, not a failed round
+            log.warning("ignoring error-feedback file %s: %s", path, exc)
+    return ErrorFeedback()  # a new run: old residuals do not apply
 
 
-def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: State) -> None:
+def _persist(ef: ErrorFeedback, path: Path | None, head: DownlinkHeader) -> None:
+    if path is None:
+        return
+    try:
+        save_model(path, ef.state_dict(), {"lineage": str(head.lineage),
+                                           "round": str(head.server_round)})
+    except OSError as exc:  # no place to keep it: resuming will start it from zero
+        log.warning("cannot persist the error-feedback residual to %s: %s", path, exc)
+
+
+def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: State,
+                 state_dir: StateDir | None = None) -> None:
     """Replace the reply's weights by the encoded update and add the uplink header."""
     records = reply.content.array_records
     key = head.arrays_key
@@ -163,7 +204,8 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
     payload = b""
     if not spec.is_identity:
         update = {k: local[k] - start[k] for k in keys}
-        ef = _error_feedback(context, head.stream) if head.error_feedback else None
+        path = _ef_file(state_dir, context, head)
+        ef = _error_feedback(context, head, path) if head.error_feedback else None
         if ef is not None:
             update = ef.apply(update)
         gen = make_generator(head.seed, _node_key(context), head.server_round, 7)
@@ -172,6 +214,7 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
             ef.record(update, sent)
             context.state[STATE_EF] = ArrayRecord(ef.state_dict())
             context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream})
+            _persist(ef, path, head)
     header = _header(head, start, encode_seconds=time.perf_counter() - t0,
                      raw_bytes=sum(start[k].numel() * 4 for k in keys))
     if spec.is_identity:  # plain weights: the header rides in its own small record
@@ -181,12 +224,18 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
         reply.content[PAYLOAD] = payload_record(header.pack() + payload)
 
 
-def make_compression_mod(initial_state: InitialState | None = None) -> Mod:
-    """A ``compression_mod``; ``initial_state(context)`` (optional) builds the run's
-    round-0 model on the node, so a server with ``shared_init`` need not send it."""
+def make_compression_mod(initial_state: InitialState | None = None,
+                         state_dir: StateDir | None = None) -> Mod:
+    """A ``compression_mod`` with optional node-side helpers.
+
+    ``initial_state(context)`` builds the run's round-0 model on the node, so a server with
+    ``shared_init`` need not send it. ``state_dir(context)`` names a directory where the
+    node keeps its error-feedback residual (one file per node, keyed by the run's lineage),
+    so a resumed server run continues exactly where the interrupted one stopped.
+    """
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        return _compression(msg, context, call_next, initial_state)
+        return _compression(msg, context, call_next, initial_state, state_dir)
 
     mod.__name__ = mod.__qualname__ = "compression_mod"
     return mod
@@ -194,11 +243,11 @@ def make_compression_mod(initial_state: InitialState | None = None) -> Mod:
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower client mod: decompress the downlink, compress the app's train reply."""
-    return _compression(msg, context, call_next, None)
+    return _compression(msg, context, call_next, None, None)
 
 
 def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
-                 initial_state: InitialState | None) -> Message:
+                 initial_state: InitialState | None, state_dir: StateDir | None) -> Message:
     header = msg.content.config_records.get(DOWN)
     if header is None:  # not from a fedslim-compressed server: stock behaviour
         return call_next(msg, context)
@@ -217,7 +266,7 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
     if reply.has_error():
         return reply
     if msg.metadata.message_type == MessageType.TRAIN:
-        encode_reply(reply, context, head, start)
+        encode_reply(reply, context, head, start, state_dir)
     else:  # tell the server which global this node now holds (its deltas build on it)
         reply.content[UP] = _header(head, start, encode_seconds=0.0, raw_bytes=0).to_record()
     return reply

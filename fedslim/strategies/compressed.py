@@ -118,6 +118,7 @@ class Compressed(StrategyWrapper):
         self.seed = seed
         self.plain = self.uplink.is_identity and not self.downlink.compress and not bind
         self.stream = secrets.randbits(31)
+        self.lineage = secrets.randbits(62) | 1  # kept across resumptions (checkpointed)
         self.ledger = ByteLedger()
         self.decoder = UplinkDecoder()
         self._arrays_key: str | None = None
@@ -152,7 +153,7 @@ class Compressed(StrategyWrapper):
                 stream=self.stream, version=self.downlink.version, base=base, arrays_key=key,
                 uplink=str(self.uplink_at(server_round)), error_feedback=self.error_feedback,
                 keep=self.downlink.compress, server_round=server_round,
-                seed=self.seed,
+                seed=self.seed, lineage=self.lineage,
                 init_crc=self.downlink.init_crc if kind == "init" else 0).to_record()
             new = Message(content=content, dst_node_id=node,
                           message_type=msg.metadata.message_type,
@@ -284,8 +285,12 @@ class Compressed(StrategyWrapper):
 
     # ------------------------------------------------------------------ checkpoint
     def own_state(self) -> dict[str, torch.Tensor]:
-        return {f"downlink/{k}": v for k, v in self.downlink.state_dict().items()}
+        state = {f"downlink/{k}": v for k, v in self.downlink.state_dict().items()}
+        state["lineage"] = torch.tensor([self.lineage], dtype=torch.int64)
+        return state
 
     def load_own_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "lineage" in state:
+            self.lineage = int(state["lineage"].item())
         self.downlink.load_state_dict({k[len("downlink/"):]: v for k, v in state.items()
                                        if k.startswith("downlink/")})

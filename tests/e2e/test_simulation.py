@@ -34,12 +34,17 @@ def test_three_clients_two_rounds(tmp_path):
     assert (tmp_path / "run" / "checkpoint.safetensors").exists()
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("uplink", ["none", "topk:0.1|q:4"])
+def test_resume_equals_uninterrupted_run(tmp_path, uplink):
+    """Interrupted after round 1 and resumed == uninterrupted, also with compression both
+    ways: server momentum, the server's downlink residual and (from the nodes' files) each
+    client's error-feedback residual all carry over."""
     full = tmp_path / "full"
     part = tmp_path / "part"
-    simulate(full, 3, 3)
-    simulate(part, 3, 1)
-    res = simulate(part, 3, 3, "-c", "resume=true")
+    extra = ("-c", f"uplink={uplink}", "-c", "server-opt=avgm")
+    simulate(full, 3, 3, *extra)
+    simulate(part, 3, 1, *extra)
+    res = simulate(part, 3, 3, "-c", "resume=true", *extra)
     assert res["resumed_from_round"] == 1
     assert [r["round"] for r in res["rounds"]] == [1, 2, 3]
     a = load_file(str(full / "model.safetensors"))
