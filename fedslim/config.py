@@ -267,9 +267,9 @@ class CompressionConfig:
         "times the round's median update norm is scaled down to it (needs 3+ replies); 0 "
         "disables.", low=0.0))
     defence_reject_ratio: float = field(default=10.0, metadata=key(
-        "defence-reject-ratio", "Server defence: a reply whose update L2 norm exceeds this "
-        "many times the round's median is rejected as hostile (needs 3+ replies); 0 "
-        "disables.", low=0.0))
+        "defence-reject-ratio", "Server defence: a reply whose update L2 norm, or whose "
+        "num-examples, exceeds this many times the round's median is rejected as hostile "
+        "(needs 3+ replies); 0 disables.", low=0.0))
     defence_max_norm: float = field(default=0.0, metadata=key(
         "defence-max-norm", "Server defence: a fixed bound on every update's L2 norm "
         "(combined with the ratio: the smaller wins); 0 = none.", low=0.0))

@@ -12,6 +12,8 @@ Per round, with the global model the replies started from:
 
 * **weight cap** -- a reply's ``num-examples`` above ``weight_ratio`` x the round's median is
   lowered to that (the reply's MetricRecord is rewritten, so any inner strategy sees it);
+  a claim above ``reject_ratio`` x the median (1e9 examples among clients holding
+  hundreds) is a lie, and the reply is rejected;
 * **outlier rejection** -- an update whose L2 norm exceeds ``reject_ratio`` x the round's
   median update norm (3+ replies) is not a large honest update but a hostile or broken one
   (e.g. scaled by 1e6, or every weight set to 3e38): the reply is rejected;
@@ -94,18 +96,28 @@ class Guarded(StrategyWrapper):
         self.collector.open(server_round).defences.append(
             Defence(node=node, partition=partition_of(msg), action=action, detail=detail))
 
-    def _cap_weights(self, server_round: int, replies: list[Message]) -> None:
+    def _cap_weights(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Reject absurd claims (over ``reject_ratio`` x median), cap large ones."""
         weights = [check_weight(next(iter(m.content.metric_records.values()), None), "")
                    for m in replies]  # validated by the decoder: positive and finite
-        if self.weight_ratio <= 0 or len(weights) < 3:
-            return
-        cap = self.weight_ratio * sorted(weights)[len(weights) // 2]
+        if len(weights) < 3:
+            return replies
+        median = sorted(weights)[len(weights) // 2]
+        cap = self.weight_ratio * median if self.weight_ratio > 0 else math.inf
+        absurd = self.reject_ratio * median if self.reject_ratio > 0 else math.inf
+        kept = []
         for msg, w in zip(replies, weights, strict=True):
+            if w > absurd:
+                self._reject(server_round, msg, f"claims {NUM_EXAMPLES}={w:g}, over "
+                             f"{self.reject_ratio:g} x the round's median ({median:g})")
+                continue
+            kept.append(msg)
             if w > cap:
                 rec = next(iter(msg.content.metric_records.values()))
                 rec[NUM_EXAMPLES] = int(cap) if isinstance(rec[NUM_EXAMPLES], int) else cap
                 self._act(server_round, msg, "weight-capped",
                           f"num-examples {w:g} > {self.weight_ratio:g} x median; set to {cap:g}")
+        return kept
 
     def _bound_norms(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Reject outliers, clip the rest onto the bound; return the replies kept."""
@@ -144,7 +156,7 @@ class Guarded(StrategyWrapper):
         ok = [m for m in replies if not m.has_error()
               and self.arrays_key in m.content.array_records]
         if ok and self.base:
-            self._cap_weights(server_round, ok)
+            ok = self._cap_weights(server_round, ok)
             ok = self._bound_norms(server_round, ok)
         if not ok:
             return None, None

@@ -165,3 +165,49 @@ def test_compose_deployment(tmp_path: Path) -> None:
 
 def _deadline(seconds: float) -> float:
     return time.monotonic() + seconds
+
+
+def test_a_supernode_killed_mid_run_does_not_stop_the_deployment(tmp_path: Path) -> None:
+    """kill -9 of one of three SuperNodes after round 1: the run finishes with the others
+    (min-train-nodes=2), and the loss is reported."""
+    import threading
+
+    workdir, outdir = tmp_path / "deploy", tmp_path / "out"
+    send = {"num-server-rounds": 3, "output-dir": str(outdir), "progress": False,
+            "local-epochs": 1, "round-timeout": 60.0}
+    dep = LocalDeployment(3, workdir, min_nodes=2)
+    outcome: dict[str, object] = {}
+    try:
+        with dep:
+            deadline = time.monotonic() + 500
+            dep.start(deadline)
+
+            def run() -> None:
+                try:
+                    outcome["results"] = dep.run(ROOT, send, outdir / "results.json",
+                                                 deadline)
+                except Exception as exc:  # reported below
+                    outcome["error"] = exc
+
+            runner = threading.Thread(target=run)
+            runner.start()
+            while not _rounds(outdir) and runner.is_alive():
+                time.sleep(0.5)
+            victim = next(p for p in dep.procs.procs if p.name == "supernode-0")
+            os.kill(victim.popen.pid, signal.SIGKILL)  # a PID we started
+            runner.join(timeout=500)
+    finally:
+        left = _kill_leftovers(str(workdir.resolve()))
+    assert left == []
+    assert "error" not in outcome, outcome.get("error")
+    res = json.loads((outdir / "results.json").read_text())
+    assert res["final"] is not None and [r["round"] for r in res["rounds"]] == [1, 2, 3]
+    assert res["rounds"][-1]["replies"] == 2
+    assert any("supernode-0" in lost for lost in dep.lost)
+
+
+def _rounds(outdir: Path) -> int:
+    try:
+        return len(json.loads((outdir / "results.json").read_text())["rounds"])
+    except (OSError, ValueError, KeyError):
+        return 0

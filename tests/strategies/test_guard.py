@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedslim.client import compression_mod
 from fedslim.strategies import Compressed
 from fedslim.strategies.guard import Guarded, norm_bound, update_norm
-from tests.apps import initial_arrays, make_quickstart_app
+from tests.apps import initial_arrays, load_data, make_quickstart_app
 from tests.loopback import LoopbackGrid
 
 ATTACKER = 0  # partition id
@@ -33,6 +33,9 @@ def attack(kind: str):  # type: ignore[no-untyped-def]
         elif kind == "sign-flip-heavy":
             out = {k: start[k] - (local[k] - start[k]) for k in local}
             reply.content["metrics"]["num-examples"] = 10**9
+        elif kind == "inflated":  # an honest update claiming 5x its examples
+            out = local
+            reply.content["metrics"]["num-examples"] = 5 * len(load_data(0)[0])
         else:  # "huge": a constant 3e38 (finite, but its average overflows)
             out = {k: torch.full_like(v, 3e38) for k, v in local.items()}
         reply.content["arrays"] = ArrayRecord(out)
@@ -65,7 +68,8 @@ def _accuracy(state: dict) -> float:
 
 
 @pytest.mark.parametrize("kind,action", [("scaled", "rejected"),
-                                         ("sign-flip-heavy", "weight-capped")])
+                                         ("sign-flip-heavy", "rejected"),
+                                         ("inflated", "weight-capped")])
 def test_defences_keep_a_hostile_client_from_steering_the_model(kind, action):
     honest, _ = _final(None, guarded=True)
     attacked, history = _final(kind, guarded=True)
