@@ -146,6 +146,25 @@ class DistillReport:
 
 
 @dataclass
+class Resources:
+    """Where a round's time went, and memory (this machine's view).
+
+    ``client_train_seconds`` and ``client_encode_seconds`` are summed over the clients
+    (they run in parallel); ``wait_seconds`` is the round's wall time the server spent
+    neither decoding, aggregating nor evaluating: transfer, and waiting for the clients.
+    """
+
+    client_train_seconds: float = 0.0
+    client_encode_seconds: float = 0.0
+    server_decode_seconds: float = 0.0
+    server_aggregate_seconds: float = 0.0
+    server_evaluate_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    server_peak_rss_mb: float = 0.0
+    client_peak_rss_mb: float | None = None   # mean over the clients that evaluated
+
+
+@dataclass
 class RoundReport:
     round: int
     round_seconds: float = 0.0
@@ -162,6 +181,7 @@ class RoundReport:
     comm: CommReport | None = None
     comm_cumulative: CommTotals | None = None
     distill: DistillReport | None = None
+    resources: Resources | None = None
 
 
 @dataclass

@@ -14,6 +14,7 @@ Flower's in-process simulation passes an empty ``run_config``).
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,10 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
         n = ev.num_examples
         metrics: dict[str, MetricValue] = {
             "num-examples": n, "eval-loss": ev.loss if n else 0.0,
-            "eval-accuracy": ev.accuracy if n else 0.0, PARTITION_ID: rt.partition_id}
+            "eval-accuracy": ev.accuracy if n else 0.0, PARTITION_ID: rt.partition_id,
+            # this ClientApp process's peak memory (evaluate replies only: they are not
+            # part of the uplink ratio, and one per round is enough)
+            "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return client_app

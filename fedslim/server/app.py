@@ -16,6 +16,7 @@ the same app with run-config overrides baked in (used by ``fedslim simulate``).
 from __future__ import annotations
 
 import dataclasses
+import resource
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from fedslim.report import (
     CommTotals,
     EvalMetrics,
     FinalReport,
+    Resources,
     RoundCollector,
     RoundReport,
     RunResults,
@@ -78,6 +80,7 @@ class Stack:
     strategy: StrategyWrapper
     collector: RoundCollector
     distiller: Distiller | None
+    compressed: Compressed
 
 
 def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
@@ -94,17 +97,19 @@ def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
                     max_norm=cfg.comp.defence_max_norm,
                     weight_ratio=cfg.comp.defence_weight_ratio,
                     reject_ratio=cfg.comp.defence_reject_ratio, collector=collector)
-    strategy: StrategyWrapper = Compressed(
+    compressed = Compressed(
         inner, uplink=cfg.comp.uplink, downlink=cfg.comp.downlink_spec,
         error_feedback=cfg.comp.error_feedback, warmup_rounds=cfg.comp.warmup_rounds,
         seed=cfg.fed.seed, collector=collector,
         # fedslim's ClientApp builds the seeded round-0 model itself (not after a resume)
         shared_init=cfg.comp.shared_init and round_offset == 0,
         bind=cfg.comp.bind_replies)
-    strategy = NodeGuard(strategy, cfg.fed.min_available_nodes, cfg.fed.node_timeout)
+    strategy: StrategyWrapper = NodeGuard(compressed, cfg.fed.min_available_nodes,
+                                          cfg.fed.node_timeout)
     if round_offset:
         strategy = Offset(strategy, round_offset)
-    return Stack(strategy=strategy, collector=collector, distiller=distiller)
+    return Stack(strategy=strategy, collector=collector, distiller=distiller,
+                 compressed=compressed)
 
 
 def _eval_metrics(model: torch.nn.Module, splits: Splits, device: torch.device) -> Central:
@@ -158,8 +163,10 @@ class ServerRun:
 
     def central_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower's ``evaluate_fn``: evaluate, close the round, record and checkpoint it."""
+        t0 = time.perf_counter()
         self.model.load_state_dict(arrays.to_torch_state_dict())
         central = _eval_metrics(self.model, self.splits, self.device)
+        evaluate_seconds = time.perf_counter() - t0
         metrics = MetricRecord({"test-accuracy": central.test.accuracy,
                                 "test-loss": central.test.loss,
                                 "val-accuracy": central.val.accuracy,
@@ -170,6 +177,7 @@ class ServerRun:
         report = self.stack.collector.close(central, self.recorder.round_seconds())
         if report is None:  # nothing was reported for this round (cannot happen normally)
             report = RoundReport(round=server_round + self.start_round, central=central)
+        report.resources = self._resources(report, evaluate_seconds)
         self.recorder.record_round(report)
         save_checkpoint(self.outdir, Checkpoint(
             round=report.round,
@@ -179,6 +187,21 @@ class ServerRun:
             config=self.recorder.config))
         self.recorder.write()
         return metrics
+
+    def _resources(self, report: RoundReport, evaluate_seconds: float) -> Resources:
+        comm = report.comm
+        decode = comm.decode_seconds if comm else 0.0
+        aggregate = self.stack.compressed.aggregate_seconds
+        rss = report.federated_evaluate.get("peak-rss-mb")
+        return Resources(
+            client_train_seconds=report.train.get("train-seconds", 0.0),
+            client_encode_seconds=comm.encode_seconds if comm else 0.0,
+            server_decode_seconds=decode, server_aggregate_seconds=aggregate,
+            server_evaluate_seconds=evaluate_seconds,
+            wait_seconds=max(0.0, report.round_seconds - decode - aggregate
+                             - evaluate_seconds),
+            server_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            client_peak_rss_mb=rss)
 
     def run(self, grid: Grid) -> None:
         remaining = self.cfg.fed.num_server_rounds - self.start_round

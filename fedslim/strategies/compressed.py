@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import time
 from collections.abc import Iterable
 
 import torch
@@ -123,6 +124,7 @@ class Compressed(StrategyWrapper):
         self.decoder = UplinkDecoder()
         self._arrays_key: str | None = None
         self._round = 0
+        self.aggregate_seconds = 0.0  # the wrapped strategy's last aggregate_train
         self.shared_init = shared_init and self.downlink.compress
 
     def summary(self) -> None:
@@ -228,7 +230,9 @@ class Compressed(StrategyWrapper):
             log.warning("round %s: no valid train reply; the global model is kept",
                         server_round)
             return None, None
+        t0 = time.perf_counter()
         arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
+        self.aggregate_seconds = time.perf_counter() - t0
         report.train = scalar_metrics(metrics)
         if arrays is None:
             return None, metrics
