@@ -86,15 +86,15 @@ def _is_zombie(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] in ("Z", "X")
 
 
-def tagged_processes(tag: str) -> list[int]:
-    """PIDs of live (non-zombie) processes whose environment has ``TAG_ENV=tag``.
+def tagged_processes(tag: str, variable: str = TAG_ENV) -> list[int]:
+    """PIDs of live (non-zombie) processes whose environment has ``variable=tag``.
 
     Linux only (reads ``/proc``); returns ``[]`` elsewhere. Our own process is excluded.
     """
     proc = Path("/proc")
     if not proc.is_dir():
         return []
-    needle = f"{TAG_ENV}={tag}".encode()
+    needle = f"{variable}={tag}".encode()
     me = os.getpid()
     found = []
     for entry in proc.iterdir():
