@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,49 +20,27 @@ from typing import Any
 
 from fedslim.compression.grammar import parse_spec
 from fedslim.compression.spec import PipelineSpec
-from fedslim.config_fields import check_registered, flat, key, validate_fields
+from fedslim.config_enums import (
+    Augment,
+    DevicePref,
+    Layout,
+    Normalize,
+    Optimizer,
+    ServerOpt,
+    Teacher,
+)
+from fedslim.config_fields import (
+    CLIENT_PREFIX,
+    check_registered,
+    flat,
+    key,
+    parse_cli_overrides,
+    parse_client_keys,
+    typed_value,
+    validate_fields,
+)
 from fedslim.errors import ConfigError
 from fedslim.plugins import load_plugins
-
-
-class Normalize(enum.StrEnum):
-    NONE = "none"
-    STANDARDIZE = "standardize"   # per feature, with the clients' (training) statistics
-
-
-class Layout(enum.StrEnum):
-    AS_IS = "as-is"
-    CHANNELS_LAST = "channels-last"   # move the last axis to position 1
-
-
-class Optimizer(enum.StrEnum):
-    SGD = "sgd"
-    ADAM = "adam"
-
-
-class DevicePref(enum.StrEnum):
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
-
-
-class ServerOpt(enum.StrEnum):
-    AVG = "avg"      # w += server-lr * mean update (FedAvg when server-lr = 1)
-    AVGM = "avgm"    # server momentum (FedAvgM)
-    ADAM = "adam"    # FedAdam
-
-
-class Teacher(enum.StrEnum):
-    ENSEMBLE = "ensemble"  # mean logits of the participating clients' models
-    GLOBAL = "global"      # the aggregated global model
-    BOTH = "both"          # mean of the two
-
-
-class Augment(enum.StrEnum):
-    NONE = "none"
-    NOISE = "noise"
-    SHIFT = "shift"
-    NOISE_SHIFT = "noise+shift"
 
 
 @dataclass(frozen=True)
@@ -420,44 +397,8 @@ def parse_run_config(
     return RunConfig(**sections, client=client)
 
 
-CLIENT_PREFIX = "client."
-
-
-def typed_value(value: Any) -> bool | int | float | str:
-    """A CLI string typed as TOML would (``5`` -> 5, ``0.1`` -> 0.1, ``true``), else as is."""
-    if not isinstance(value, str):
-        return value
-    import tomllib
-
-    try:
-        parsed = tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        return value
-    return parsed if isinstance(parsed, bool | int | float | str) else value
-
-
-def parse_client_keys(items: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
-    """``{"client.lr": "0.01"}`` -> ``{"lr": 0.01}``; names and value types checked."""
-    out: dict[str, bool | int | float | str] = {}
-    for k, v in items.items():
-        name = k[len(CLIENT_PREFIX):]
-        if not name or not all(part.strip() for part in name.split(".")):
-            raise ConfigError(f"run-config key {k!r}: expected {CLIENT_PREFIX}<name>")
-        value = typed_value(v)
-        if not isinstance(value, bool | int | float | str) or (
-                isinstance(value, float) and not math.isfinite(value)):
-            raise ConfigError(f"run-config key {k!r}: got {v!r}; a client setting must be a "
-                              "finite number, a bool or a string")
-        out[name] = value
-    return out
-
-
-def parse_cli_overrides(items: list[str] | None) -> dict[str, str]:
-    """Parse ``key=value`` strings (the CLI's ``-c``) into a dict; values stay strings."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        out[key.strip()] = value.strip().strip('"').strip("'")
-    return out
+__all__ = ["CLIENT_PREFIX", "SECTION_TYPES", "Augment", "CompressionConfig", "DataConfig",
+           "DevicePref", "DistillConfig", "FederationConfig", "Layout", "Normalize",
+           "Optimizer", "RunConfig", "ServerOpt", "Teacher", "TrainConfig", "key_table",
+           "known_keys", "parse_cli_overrides", "parse_client_keys", "parse_run_config",
+           "typed_value"]

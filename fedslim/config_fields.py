@@ -55,63 +55,69 @@ def flat(value: Any) -> bool | int | float | str:
     return value
 
 
+def _spec(key: str, value: Any) -> PipelineSpec:
+    if isinstance(value, PipelineSpec):
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"run-config key {key!r}: got {value!r}; expected a pipeline "
+                          "spec string such as 'topk:0.01|q:4'")
+    try:
+        return parse_spec(value)
+    except SpecError as exc:
+        raise ConfigError(f"run-config key {key!r}: invalid pipeline spec {value!r}: "
+                          f"{exc}") from None
+
+
+def _choice(key: str, value: Any, typ: type[enum.Enum]) -> enum.Enum:
+    allowed = [m.value for m in typ]
+    if isinstance(value, typ):
+        return value
+    if isinstance(value, str) and value in allowed:
+        return typ(value)
+    raise ConfigError(f"run-config key {key!r}: got {value!r}; allowed values: {allowed}")
+
+
+def _bool_value(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(f"run-config key {key!r}: got {value!r}; expected true or false")
+
+
+def _number(key: str, value: Any, typ: type) -> int | float:
+    what = "an integer" if typ is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"run-config key {key!r}: got {value!r}; expected {what}")
+    try:
+        num: int | float = float(value) if typ is float or isinstance(value, float) \
+            else int(value)
+    except ValueError:
+        raise ConfigError(f"run-config key {key!r}: got {value!r}; expected {what}") from None
+    if not math.isfinite(num):
+        raise ConfigError(f"run-config key {key!r}: got {value!r}; expected a finite number")
+    if typ is int:
+        if isinstance(num, float) and not num.is_integer():
+            raise ConfigError(f"run-config key {key!r}: got {value!r}; expected an integer")
+        num = int(num)
+    return num
+
+
 def coerce(key: str, value: Any, typ: Any, meta: Mapping[str, Any]) -> Any:
     """Convert one run-config value to the field's type, raising ConfigError on mismatch."""
     if typ == PipelineSpec | None:  # None is spelled "auto"
-        if value is None or value == "auto":
-            return None
-        typ = PipelineSpec
+        return None if value is None or value == "auto" else _spec(key, value)
     if typ is PipelineSpec:
-        if isinstance(value, PipelineSpec):
-            return value
-        if not isinstance(value, str):
-            raise ConfigError(f"run-config key {key!r}: got {value!r}; expected a pipeline "
-                              "spec string such as 'topk:0.01|q:4'")
-        try:
-            return parse_spec(value)
-        except SpecError as exc:
-            raise ConfigError(f"run-config key {key!r}: invalid pipeline spec {value!r}: "
-                              f"{exc}") from None
+        return _spec(key, value)
     if isinstance(typ, type) and issubclass(typ, enum.Enum):
-        allowed = [m.value for m in typ]
-        if isinstance(value, typ):
-            return value
-        if isinstance(value, str) and value in allowed:
-            return typ(value)
-        raise ConfigError(f"run-config key {key!r}: got {value!r}; allowed values: {allowed}")
+        return _choice(key, value, typ)
     if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"run-config key {key!r}: got {value!r}; expected true or false")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"run-config key {key!r}: got {value!r}; expected an integer")
-        try:
-            num = int(value) if not isinstance(value, float) else value
-        except ValueError:
-            raise ConfigError(
-                f"run-config key {key!r}: got {value!r}; expected an integer") from None
-        if isinstance(num, float):
-            if not num.is_integer():
-                raise ConfigError(f"run-config key {key!r}: got {value!r}; expected an integer")
-            num = int(num)
-        value = num
-    elif typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"run-config key {key!r}: got {value!r}; expected a number")
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(
-                f"run-config key {key!r}: got {value!r}; expected a number") from None
-        if not math.isfinite(value):
-            raise ConfigError(f"run-config key {key!r}: got {value!r}; expected a finite number")
-    elif typ is str:
+        return _bool_value(key, value)
+    if typ is str:
         if not isinstance(value, str):
             raise ConfigError(f"run-config key {key!r}: got {value!r}; expected a string")
         return value
+    value = _number(key, value, typ)
     low, high = meta.get("low"), meta.get("high")
     if low is not None and (value < low or (meta.get("low_open") and value == low)):
         op = ">" if meta.get("low_open") else ">="
@@ -119,3 +125,46 @@ def coerce(key: str, value: Any, typ: Any, meta: Mapping[str, Any]) -> Any:
     if high is not None and value > high:
         raise ConfigError(f"run-config key {key!r}: got {value!r}; must be <= {high}")
     return value
+
+
+CLIENT_PREFIX = "client."
+
+
+def typed_value(value: Any) -> bool | int | float | str:
+    """A CLI string typed as TOML would (``5`` -> 5, ``0.1`` -> 0.1, ``true``), else as is."""
+    if not isinstance(value, str):
+        return value
+    import tomllib
+
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+    return parsed if isinstance(parsed, bool | int | float | str) else value
+
+
+def parse_client_keys(items: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
+    """``{"client.lr": "0.01"}`` -> ``{"lr": 0.01}``; names and value types checked."""
+    out: dict[str, bool | int | float | str] = {}
+    for k, v in items.items():
+        name = k[len(CLIENT_PREFIX):]
+        if not name or not all(part.strip() for part in name.split(".")):
+            raise ConfigError(f"run-config key {k!r}: expected {CLIENT_PREFIX}<name>")
+        value = typed_value(v)
+        if not isinstance(value, bool | int | float | str) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"run-config key {k!r}: got {v!r}; a client setting must be a "
+                              "finite number, a bool or a string")
+        out[name] = value
+    return out
+
+
+def parse_cli_overrides(items: list[str] | None) -> dict[str, str]:
+    """Parse ``key=value`` strings (the CLI's ``-c``) into a dict; values stay strings."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        out[key.strip()] = value.strip().strip('"').strip("'")
+    return out

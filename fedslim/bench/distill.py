@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> None:
                 })
                 progress.advance(task)
     (args.out / "runs.json").write_text(json.dumps(rows, indent=2))
+    _print(rows, runs, args)
+    print(f"wrote {args.out}/runs.json")
+
+
+def _print(rows: list[dict[str, Any]], runs: dict[str, Any], args: argparse.Namespace) -> None:
     table = Table(title=f"{args.num_clients} clients, {args.rounds} rounds, seeds {args.seeds}")
     for col in ("setting", "seed", "global acc", "student acc", "student int8 acc",
                 "student params", "uplink MB", "uplink x", "distill s"):
@@ -109,7 +114,6 @@ def main(argv: list[str] | None = None) -> None:
             "global_test_accuracy", "student_test_accuracy", "student_int8_test_accuracy")),
             f(mean(name, "uplink_mb"), ".3f"))
     console.print(means)
-    print(f"wrote {args.out}/runs.json")
 
 
 if __name__ == "__main__":

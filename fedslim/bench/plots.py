@@ -19,6 +19,21 @@ def _pyplot() -> Any:
     return plt
 
 
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str,
+            title: str) -> None:
+    """Log x axis, labels, a legend below the axes (never over the points), save."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
+              frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def frontier(summary: list[dict[str, Any]], path: Path, ratio_key: str, xlabel: str,
              title: str, selected_key: str) -> None:
     """Mean test accuracy vs mean ``ratio_key`` per setting (log x)."""
@@ -33,16 +48,8 @@ def frontier(summary: list[dict[str, Any]], path: Path, ratio_key: str, xlabel: 
                    label=f"{i + 1}. {s['setting']}" + ("  (selected on val)" if chosen else ""))
         ax.annotate(str(i + 1), (s[ratio_key], 100 * s["test"]), fontsize=8,
                     xytext=(5, 4), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("final central test accuracy (%), mean ± sd over seeds")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
-              frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _finish(plt, fig, ax, path, xlabel, "final central test accuracy (%), mean ± sd over seeds",
+            title)
 
 
 def curves(rows: list[dict[str, Any]], seed: int, path: Path, bytes_key: str, xlabel: str,
@@ -56,13 +63,4 @@ def curves(rows: list[dict[str, Any]], seed: int, path: Path, bytes_key: str, xl
         xs = [c[bytes_key] / 1e6 for c in r["curve"]]
         ax.plot(xs, [100 * c["test_accuracy"] for c in r["curve"]], label=r["setting"],
                 lw=1.2)
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("central test accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
-              frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _finish(plt, fig, ax, path, xlabel, "central test accuracy (%)", title)

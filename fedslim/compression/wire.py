@@ -279,9 +279,11 @@ def _enum(rd: _Reader, cls: type[IntEnum], value: int, what: str) -> IntEnum:  #
         raise rd.fail(f"unknown {what} {value}") from None
 
 
-def _read_record(rd: _Reader, budget: int, previous: bytes,
-                 schema: Mapping[str, tuple[int, ...]] | None = None
-                 ) -> tuple[TensorRecord, bytes]:
+def _read_name_shape(rd: _Reader, budget: int, previous: bytes,
+                     schema: Mapping[str, tuple[int, ...]] | None
+                     ) -> tuple[str, bytes, int, tuple[int, ...], int]:
+    """Name (front-coded), source dtype and shape, checked against ``schema`` and the
+    element budget; (name, raw name, source dtype, shape, numel)."""
     shared = rd.varint("shared name prefix")
     if shared > len(previous):
         raise rd.fail(f"name shares {shared} bytes with a previous name of {len(previous)}")
@@ -307,6 +309,13 @@ def _read_record(rd: _Reader, budget: int, previous: bytes,
     if numel > budget or any(d >= 1 << 63 for d in shape):
         raise rd.fail(f"shape {shape} has {numel} elements, over the limit "
                       f"({budget} left of max_elements)")
+    return name, raw_name, source, shape, numel
+
+
+def _read_record(rd: _Reader, budget: int, previous: bytes,
+                 schema: Mapping[str, tuple[int, ...]] | None = None
+                 ) -> tuple[TensorRecord, bytes]:
+    name, raw_name, source, shape, numel = _read_name_shape(rd, budget, previous, schema)
     coding = rd.u8("coding byte")
     if coding & 0b10:
         raise rd.fail(f"reserved bit set in coding byte 0x{coding:02x}")

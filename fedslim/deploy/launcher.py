@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,9 +37,9 @@ from rich.console import Console
 
 from fedslim.config import RunConfig, parse_run_config
 from fedslim.deploy.processes import DeployError, ProcessSet, free_ports, tail
+from fedslim.deploy.progress import _progress, _read_results, _round_line, _run_id, _signature
 from fedslim.preflight import check_data_dir, check_federation_size, check_output_dir
 from fedslim.protocol import RESULTS_FILE
-from fedslim.report import ResultsError, RoundReport, RunResults, load_results
 
 __all__ = ["CONNECTION", "DeployError", "LocalDeployment", "default_app_dir",
            "run_local_deployment"]
@@ -48,7 +47,6 @@ __all__ = ["CONNECTION", "DeployError", "LocalDeployment", "default_app_dir",
 CONNECTION = "fedslim-local"
 SUPERLINK = "superlink"
 FLWR_RUN = "flwr-run"
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
 PathValue = str | int | float | bool
 
 
@@ -325,52 +323,6 @@ class LocalDeployment:
     def _check_deadline(self, deadline: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise DeployError(f"timed out waiting for {what}; logs in {self.log_dir}")
-
-
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def _read_results(path: Path, stale: tuple[int, int, int] | None) -> RunResults | None:
-    """``results.json`` once this run rewrote it (``stale``: its signature before), else None.
-
-    The recorder replaces the file atomically, so every write changes inode and mtime.
-    """
-    sig = _signature(path)
-    if sig is None or sig == stale:
-        return None
-    try:
-        return load_results(path)
-    except ResultsError:  # being replaced right now
-        return None
-
-
-def _run_id(log: Path) -> str | None:
-    match = _RUN_ID.search(tail(log, 200))
-    return match.group(1) if match else None
-
-
-def _round_line(report: RoundReport, res: RunResults) -> str:
-    total = res.config.get("num-server-rounds", "?")
-    acc = f" | acc {report.central.test.accuracy:.4f}" if report.central else ""
-    up = f" | up {report.comm.uplink_bytes / 1e6:.3f} MB" if report.comm else ""
-    rejected = f" | {len(report.rejects)} rejected" if report.rejects else ""
-    return f"round {report.round:>3}/{total}{acc}{up}{rejected} | {report.round_seconds:.2f}s"
-
-
-def _progress(run_id: str | None, res: RunResults | None) -> str:
-    if run_id is None:
-        return "submitting the run"
-    if res is None or not res.rounds:
-        return f"run {run_id}: round 1 in progress"
-    last = res.rounds[-1]
-    total = res.config.get("num-server-rounds", "?")
-    acc_s = f", test accuracy {last.central.test.accuracy:.4f}" if last.central else ""
-    return f"run {run_id}: round {last.round}/{total} done{acc_s}"
 
 
 def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],

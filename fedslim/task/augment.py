@@ -35,8 +35,12 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
 
 def augment(x: torch.Tensor, mode: Augment, gen: torch.Generator,
             noise_std: float = 0.1, max_shift: int = 1) -> torch.Tensor:
-    """Apply the configured augmentation to a batch (returns ``x`` itself for ``none``)."""
-    if mode in (Augment.SHIFT, Augment.NOISE_SHIFT):
+    """Apply the configured augmentation to a batch (returns ``x`` itself for ``none``).
+
+    Shifts apply to images (N, C, H, W) only; other shapes (vectors, sequences) get the
+    noise part alone.
+    """
+    if mode in (Augment.SHIFT, Augment.NOISE_SHIFT) and x.ndim == 4:
         x = random_shift(x, max_shift, gen)
     if mode in (Augment.NOISE, Augment.NOISE_SHIFT):
         x = add_noise(x, noise_std, gen)

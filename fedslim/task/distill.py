@@ -27,7 +27,7 @@ from fedslim.config import Augment, DistillConfig
 from fedslim.errors import ConfigError, DataError
 from fedslim.task.augment import augment
 from fedslim.task.data import ArrayData
-from fedslim.task.train import evaluate, make_generator, predict_logits
+from fedslim.task.train import EvalStats, evaluate, make_generator, predict_logits
 
 TeacherFn = Callable[[torch.Tensor], torch.Tensor]
 """Inputs ``(B, C, H, W)`` on the device -> logits ``(B, K)`` on the same device."""
@@ -201,8 +201,8 @@ def distill_student(student: nn.Module, teacher: TeacherFn, proxy_x: torch.Tenso
     """
     t0 = time.perf_counter()
     x_all = _as_inputs(proxy_x, device)
-    if x_all.ndim != 4 or len(x_all) == 0:
-        raise DataError(f"proxy_x must be a non-empty (N, C, H, W) array, got shape "
+    if x_all.ndim < 2 or len(x_all) == 0:
+        raise DataError(f"proxy_x must be a non-empty (N, ...) array, got shape "
                         f"{tuple(x_all.shape)}")
     student.to(device)
     temp = cfg.temperature
@@ -215,13 +215,51 @@ def distill_student(student: nn.Module, teacher: TeacherFn, proxy_x: torch.Tenso
                           f"student (student-model) has {s_probe.shape[1]} classes")
     kl_before = _kl_on_set(student, t_all, x_all, temp, device, _CHUNK)
 
-    has_val = len(val) > 0
-    best = evaluate(student, val, device) if has_val and keep_start else None
-    best_state = _snapshot(student) if best is not None else {}
-    best_step, since_best, stopped_early = 0, 0, False
+    sel = _Selection(student, val, device, keep_start)
+    step, stopped_early = _train(student, teacher, x_all, t_all, cfg, sel,
+                                 make_generator(*seed_parts), device)
+    best = sel.restore(step)
+    kl_after = _kl_on_set(student, t_all, x_all, temp, device, _CHUNK)
+    return DistillStats(steps=step, seconds=time.perf_counter() - t0, kl_before=kl_before,
+                        kl_after=kl_after,
+                        val_loss=best.loss if best is not None else float("nan"),
+                        val_accuracy=best.accuracy if best is not None else float("nan"),
+                        best_step=sel.best_step, stopped_early=stopped_early)
 
-    gen = make_generator(*seed_parts)
-    n = len(x_all)
+
+class _Selection:
+    """Model selection on the val split: the state with the lowest val cross-entropy."""
+
+    def __init__(self, student: nn.Module, val: ArrayData, device: torch.device,
+                 keep_start: bool) -> None:
+        self.student, self.val, self.device = student, val, device
+        self.active = len(val) > 0
+        self.best = evaluate(student, val, device) if self.active and keep_start else None
+        self.best_state = _snapshot(student) if self.best is not None else {}
+        self.best_step, self.since_best = 0, 0
+
+    def check(self, step: int) -> None:
+        now = evaluate(self.student, self.val, self.device)  # leaves it in eval mode
+        self.student.train()
+        if self.best is None or now.loss < self.best.loss:
+            self.best, self.best_step = now, step
+            self.best_state, self.since_best = _snapshot(self.student), 0
+        else:
+            self.since_best += 1
+
+    def restore(self, step: int) -> EvalStats | None:
+        if self.active:
+            self.student.load_state_dict(self.best_state)
+        else:
+            self.best_step = step
+        return self.best
+
+
+def _train(student: nn.Module, teacher: TeacherFn, x_all: torch.Tensor, t_all: torch.Tensor,
+           cfg: DistillConfig, sel: _Selection, gen: torch.Generator,
+           device: torch.device) -> tuple[int, bool]:
+    """The distillation steps; (steps taken, stopped early)."""
+    n, temp = len(x_all), cfg.temperature
     batch = min(cfg.batch_size, n)
     order = _batch_order(n, batch, cfg.steps, gen).to(device)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
@@ -240,24 +278,8 @@ def distill_student(student: nn.Module, teacher: TeacherFn, proxy_x: torch.Tenso
         loss.backward()
         opt.step()
         step += 1
-        if has_val and (step % cfg.eval_every == 0 or step == cfg.steps):
-            now = evaluate(student, val, device)  # leaves the student in eval mode
-            student.train()
-            if best is None or now.loss < best.loss:
-                best, best_step, best_state, since_best = now, step, _snapshot(student), 0
-            else:
-                since_best += 1
-            if since_best >= cfg.patience and step < cfg.steps:
-                stopped_early = True
-                break
-
-    if has_val:
-        student.load_state_dict(best_state)
-    else:
-        best_step = step
-    kl_after = _kl_on_set(student, t_all, x_all, temp, device, _CHUNK)
-    return DistillStats(steps=step, seconds=time.perf_counter() - t0, kl_before=kl_before,
-                        kl_after=kl_after,
-                        val_loss=best.loss if best is not None else float("nan"),
-                        val_accuracy=best.accuracy if best is not None else float("nan"),
-                        best_step=best_step, stopped_early=stopped_early)
+        if sel.active and (step % cfg.eval_every == 0 or step == cfg.steps):
+            sel.check(step)
+            if sel.since_best >= cfg.patience and step < cfg.steps:
+                return step, True
+    return step, False
