@@ -40,7 +40,8 @@ def main() -> None:
             for name, setting in SETTINGS.items():
                 out = Path(tmp) / f"{seed}-{len(rows)}.json"
                 sim.run(HERE, {**setting, "seed": seed, "num-server-rounds": args.rounds,
-                               "results": str(out)}, num_supernodes=args.num_clients)
+                               "results": str(out)}, num_supernodes=args.num_clients,
+                        done=out.exists)
                 res = json.loads(out.read_text())
                 up = sum(c["uplink_bytes"] for c in res["comm"])
                 none = sum(c["uplink_none_bytes"] for c in res["comm"])

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedslim.protocol import PAYLOAD, UP
+from fedslim.protocol import PAYLOAD
 
 ATTACKER = 0
 NO_DEFENCES = {"defence-clip-ratio": 0.0, "defence-weight-ratio": 0.0,
@@ -55,14 +55,12 @@ REPLAY_STATE = "adversary.replay"
 def _replay(msg: Message, context: Context, reply: Message) -> Message:
     """Answer every round with the first round's reply, kept in the node's state (which
     outlives the Ray worker that handled the first message)."""
-    kept = context.state.config_records.get(REPLAY_STATE + ".up")
-    if kept is None:
-        context.state[REPLAY_STATE + ".up"] = ConfigRecord(dict(reply.content.config_records[UP]))
+    kept = context.state.array_records.get(REPLAY_STATE + ".payload")
+    if kept is None:  # the payload array carries the uplink header (round, version, CRC)
         context.state[REPLAY_STATE + ".payload"] = reply.content.array_records[PAYLOAD]
         context.state[REPLAY_STATE + ".metrics"] = reply.content.metric_records["metrics"]
         return reply
-    old = RecordDict({UP: kept,
-                      PAYLOAD: context.state.array_records[REPLAY_STATE + ".payload"],
+    old = RecordDict({PAYLOAD: kept,
                       "metrics": context.state.metric_records[REPLAY_STATE + ".metrics"]})
     return Message(content=old, reply_to=msg)
 

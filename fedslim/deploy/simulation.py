@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import tomli_w
@@ -50,9 +50,12 @@ class LocalSimulation(LocalDeployment):
         self._wait_for_health(deadline)
 
     def run(self, app_dir: Path, run_config: Mapping[str, PathValue],  # type: ignore[override]
-            num_supernodes: int, timeout: float = 600, echo: bool = False) -> str:
+            num_supernodes: int, timeout: float = 600, echo: bool = False,
+            done: Callable[[], bool] | None = None) -> str:
         """``flwr run`` the app in simulation with ``num_supernodes`` nodes; wait for its end.
 
+        ``--stream`` can end before the ServerApp has written its last file: ``done``
+        (e.g. "results.json has final results") is then polled for up to 120 s more.
         Returns the command's output (also in ``logs/flwr-run.log``; printed as it comes
         with ``echo``). Raises :class:`DeployError` if it fails or times out.
         """
@@ -77,6 +80,13 @@ class LocalSimulation(LocalDeployment):
         if code != 0:
             raise DeployError(f"`flwr run` exited with code {code}; log: {flwr_run.log}\n"
                               f"{tail(flwr_run.log)}")
+        until = time.monotonic() + 120
+        while done is not None and not done():
+            self.procs.check_alive(["superlink"])
+            if time.monotonic() > until:
+                raise DeployError(f"`flwr run` ended but the app's output is not there after "
+                                  f"120 s; logs in {self.log_dir}\n{tail(flwr_run.log)}")
+            time.sleep(0.5)
         return flwr_run.log.read_text(errors="replace")
 
 

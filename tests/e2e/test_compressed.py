@@ -48,7 +48,10 @@ def test_compressed_federation_saves_bytes_and_learns(tmp_path):
     # message brings the delta, the next train message needs no arrays at all.
     assert all(r["comm"]["delta_messages"] == 4 and r["comm"]["current_messages"] == 4
                for r in rounds[1:]), "downlink deltas unused"
-    assert rounds[1]["comm"]["downlink_bytes"] < rounds[0]["comm"]["downlink_bytes"] / 20
+    # Round 1: nodes build the seeded initial model themselves (shared-init): no weights
+    # go down at all, only headers.
+    assert rounds[0]["comm"]["init_messages"] == 4 and rounds[0]["comm"]["full_model_messages"] == 0
+    assert rounds[0]["comm"]["downlink_bytes"] < 4 * 1_000
     for r in rounds:
         assert r["comm"]["uplink_bytes"] > 0 and r["comm_cumulative"]["total_bytes"] > 0
 
@@ -66,11 +69,12 @@ def test_corrupt_truncated_nan_and_dead_clients_are_rejected(tmp_path):
         reasons = {rej["partition"]: rej["reason"] for rej in r["rejects"]}
         assert set(reasons) >= {0, 1, 3}, reasons
         assert "truncat" in reasons[0].lower() or "length" in reasons[0].lower(), reasons[0]
-        # plain float arrays where the configured uplink asks for a payload
-        assert "fedslim.payload" in reasons[3], reasons[3]
+        # plain float arrays (no header, no payload) where the uplink asks for a payload
+        assert "lacks the 'fedslim.up' header" in reasons[3], reasons[3]
         assert any("died mid-round" in v for v in reasons.values()), reasons
     assert res["final"]["test_accuracy"] > 0.1
-    assert "rejected train reply from node" in proc.stdout + proc.stderr
+    # Flower's log (and fedslim's warnings in it) goes to output-dir/flower.log
+    assert "rejected train reply from node" in (out / "flower.log").read_text()
 
 
 def test_distillation_end_to_end_with_compression(tmp_path):

@@ -98,12 +98,14 @@ def test_results_from_an_earlier_run_never_count(tmp_path: Path) -> None:
     from fedslim.server.storage import atomic_write_json
 
     path = tmp_path / "results.json"
+    base = {"fedslim_version": "x", "config": {}, "started_at": "t", "wall_seconds": 1.0}
     assert _read_results(path, None) is None
-    atomic_write_json(path, {"final": {"test_accuracy": 0.5}})
+    atomic_write_json(path, {**base, "final": None, "rounds": [{"round": 1}]})
     stale = _signature(path)
-    assert _read_results(path, stale) is None  # the old file, even with a final
-    atomic_write_json(path, {"final": None})
-    assert _read_results(path, stale) == {"final": None}
+    assert _read_results(path, stale) is None  # the old file never counts
+    atomic_write_json(path, {**base, "final": None})
+    res = _read_results(path, stale)
+    assert res is not None and res.final is None and res.rounds == []
 
 
 COMPOSE_DIR = ROOT / "docker"
