@@ -192,9 +192,9 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
             raise EncodeError(f"the ClientApp's reply must carry its weights as one "
                               f"ArrayRecord (ideally {key!r}); it has {sorted(records)}")
         key = next(iter(records))
-    local = to_state(records[key])
-    if local.keys() != start.keys():
-        missing, extra = sorted(start.keys() - local.keys()), sorted(local.keys() - start.keys())
+    names = set(records[key].keys())
+    if names != start.keys():
+        missing, extra = sorted(start.keys() - names), sorted(names - start.keys())
         raise EncodeError(f"the reply's parameter names differ from the global model's "
                           f"(missing {missing[:5]}, unexpected {extra[:5]}); client and "
                           "server must build the same model")
@@ -202,7 +202,8 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
     keys = float_keys(start)
     t0 = time.perf_counter()
     payload = b""
-    if not spec.is_identity:
+    if not spec.is_identity:  # (plain replies are passed on as the app made them)
+        local = to_state(records[key])
         update = {k: local[k] - start[k] for k in keys}
         path = _ef_file(state_dir, context, head)
         ef = _error_feedback(context, head, path) if head.error_feedback else None

@@ -26,6 +26,17 @@ from fedslim.protocol import CHECKPOINT_FILE
 STRATEGY_PREFIX = "strategy/"
 
 
+def _file_mode() -> int:
+    """0o666 minus the process umask: what ``open()`` would give a new file (mkstemp's temp
+    files are 0o600, which left results unreadable to other users of a bind mount)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +45,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fchmod(fh.fileno(), FILE_MODE)
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -58,3 +58,12 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_checkpoint(tmp_path)
+
+
+def test_written_files_are_readable_like_any_new_file(tmp_path):
+    """mkstemp makes 0600 temp files; results must be readable as open() would make them."""
+    path = tmp_path / "results.json"
+    atomic_write_json(path, {"a": 1})
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
