@@ -26,8 +26,6 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedslim.protocol import PAYLOAD
-
 ATTACKER = 0
 NO_DEFENCES = {"defence-clip-ratio": 0.0, "defence-weight-ratio": 0.0,
                "defence-reject-ratio": 0.0}
@@ -53,16 +51,16 @@ REPLAY_STATE = "adversary.replay"
 
 
 def _replay(msg: Message, context: Context, reply: Message) -> Message:
-    """Answer every round with the first round's reply, kept in the node's state (which
-    outlives the Ray worker that handled the first message)."""
-    kept = context.state.array_records.get(REPLAY_STATE + ".payload")
-    if kept is None:  # the payload array carries the uplink header (round, version, CRC)
-        context.state[REPLAY_STATE + ".payload"] = reply.content.array_records[PAYLOAD]
-        context.state[REPLAY_STATE + ".metrics"] = reply.content.metric_records["metrics"]
+    """Answer every round with the first round's reply (every record of it: weights or
+    payload, the uplink header, metrics), kept in the node's state, which outlives the Ray
+    worker that handled the first message."""
+    prefix = REPLAY_STATE + "."
+    kept = {k[len(prefix):]: v for k, v in context.state.items() if k.startswith(prefix)}
+    if not kept:  # the first reply goes out as it is, and is kept
+        for name, record in reply.content.items():
+            context.state[prefix + name] = record
         return reply
-    old = RecordDict({PAYLOAD: kept,
-                      "metrics": context.state.metric_records[REPLAY_STATE + ".metrics"]})
-    return Message(content=old, reply_to=msg)
+    return Message(content=RecordDict(kept), reply_to=msg)
 
 
 def attack_mod(kind: str) -> Mod:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -187,6 +188,7 @@ class Compressed(StrategyWrapper):
         node = msg.metadata.src_node_id
         self.downlink.forget(node)
         part = partition_of(msg)
+        reason = short_reason(reason)
         log.warning("rejected %s reply from node %s (partition %s): %s", phase, node, part,
                     reason)
         report.rejects.append(Reject(node=node, phase=phase, reason=reason, partition=part))
@@ -206,7 +208,8 @@ class Compressed(StrategyWrapper):
         for msg in ordered:
             size = self.ledger.received(msg)
             if msg.has_error():
-                self._reject(report, msg, "train", f"client error: {msg.error.reason}")
+                self._reject(report, msg, "train",
+                             f"client error: {short_reason(msg.error.reason or '')}")
                 continue
             node = msg.metadata.src_node_id
             try:
@@ -246,7 +249,8 @@ class Compressed(StrategyWrapper):
         for msg in replies:
             self.ledger.received(msg)
             if msg.has_error():
-                self._reject(report, msg, "evaluate", f"client error: {msg.error.reason}")
+                self._reject(report, msg, "evaluate",
+                             f"client error: {short_reason(msg.error.reason or '')}")
                 continue
             try:
                 metrics = next(iter(msg.content.metric_records.values()), None)
@@ -298,3 +302,28 @@ class Compressed(StrategyWrapper):
             self.lineage = int(state["lineage"].item())
         self.downlink.load_state_dict({k[len("downlink/"):]: v for k, v in state.items()
                                        if k.startswith("downlink/")})
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)): ?(.*)$")
+REASON_LIMIT = 300
+
+
+def short_reason(text: str, limit: int = REASON_LIMIT) -> str:
+    """One readable line of at most ``limit`` characters from an untrusted reason.
+
+    A client's error reason is whatever it (or Ray) sent: a whole traceback with terminal
+    colour codes, or megabytes meant to flood the log. Keep the innermost exception line
+    of a traceback (not the ClientAppException wrappers), else the first line.
+    """
+    text = _ANSI.sub("", text[:20 * limit])
+    lines = ["".join(ch for ch in " ".join(ln.split()) if ch.isprintable())  # <= 6k chars
+             for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        return "(no reason given)"
+    causes = [ln for ln in lines[1:] if (m := _EXC_LINE.match(ln))
+              and "ClientAppException" not in m.group(1)]
+    picked = causes[0] if causes else lines[0]
+    return picked if len(picked) <= limit else picked[:limit - 1] + "…"
+
