@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -340,8 +341,8 @@ def _sections(cfg: RunConfig) -> list[Any]:
     return [getattr(cfg, name) for name in SECTION_TYPES]
 
 
-def key_table() -> list[tuple[str, str, Any, str]]:
-    """(key, type name, default, help) for every key, in declaration order."""
+@functools.cache
+def _key_rows() -> tuple[tuple[str, str, Any, str], ...]:
     rows = []
     for cls in SECTION_TYPES.values():
         hints = typing.get_type_hints(cls)
@@ -357,11 +358,16 @@ def key_table() -> list[tuple[str, str, Any, str]]:
             else:
                 tname = typ.__name__
             rows.append((f.metadata["key"], tname, default, f.metadata["help"]))
-    return rows
+    return tuple(rows)
+
+
+def key_table() -> list[tuple[str, str, Any, str]]:
+    """(key, type name, default, help) for every key, in declaration order."""
+    return list(_key_rows())  # the sections are fixed: built once per process
 
 
 def known_keys() -> list[str]:
-    return [row[0] for row in key_table()]
+    return [row[0] for row in _key_rows()]
 
 
 def parse_run_config(

@@ -7,6 +7,7 @@ bit-identical).
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from collections.abc import Mapping
 
@@ -66,19 +67,41 @@ def state_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
                         for k, v in state.items()})
 
 
+_Signature = tuple[tuple[str, int], ...]
+_CONVERTED: dict[int, tuple[weakref.ref[ArrayRecord], _Signature, dict[str, torch.Tensor]]] = {}
+_CACHE_LIMIT = 512
+
+
 def to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     """An ArrayRecord of numpy arrays as a CPU state dict (floating entries as float32).
+
+    The server's layers (uplink checks, defences, the inner strategy) each read the same
+    reply; the conversion is remembered per record object (while it lives and holds the
+    same Array objects), so a reply is deserialized once. The tensors are shared between
+    callers: treat them as read-only (every fedslim caller does).
 
     Raises
     ------
     DecodeError
         If an array is not a plain numpy array (another ``stype``) or cannot be read.
     """
+    key, signature = id(arrays), tuple((k, id(v)) for k, v in arrays.items())
+    hit = _CONVERTED.get(key)
+    if hit is not None and hit[0]() is arrays and hit[1] == signature:
+        return dict(hit[2])
     try:
         state = arrays.to_torch_state_dict()
     except Exception as exc:  # flwr/numpy raise various errors on malformed arrays
         raise DecodeError(f"arrays cannot be read as numpy arrays: {exc}") from None
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    out = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    if len(_CONVERTED) >= _CACHE_LIMIT:  # many records alive at once: forget the oldest
+        for k in list(_CONVERTED)[:_CACHE_LIMIT // 8]:
+            del _CONVERTED[k]
+    def forget(_: object, k: int = key) -> None:  # the entry goes when the record does,
+        _CONVERTED.pop(k, None)                   # before its id can be reused
+
+    _CONVERTED[key] = (weakref.ref(arrays, forget), signature, out)
+    return dict(out)
 
 
 def apply_delta(prev: Mapping[str, torch.Tensor],
