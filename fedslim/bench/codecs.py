@@ -3,7 +3,9 @@
 Prints, per pipeline, the encoded size of (a) a 10M-parameter float32 update with heavy-tailed
 values and (b) a real update of the digits CNN (one local epoch of SGD on scikit-learn's
 digits): bytes actually sent, ratio vs fp32, bits per kept value, the information bound
-``log2 C(n,k) + k*bits + scales`` and our size over it, and encode / decode throughput in MB/s
+``log2 C(n,k) + k*bits + scales`` and our size over it (``/bound``), the same with the values
+at their codes' empirical entropy (``/H bnd``), the quantized values sections over that
+entropy (``val/H``: what ``ans`` is judged by), and encode / decode throughput in MB/s
 of fp32 input (MB = 1e6 bytes) on one CPU core (``torch.set_num_threads(1)``), plus CUDA rows
 when a GPU is present. Times are the median of ``--repeats`` runs after one warm-up run.
 This is a script, not a test: the numbers depend on the machine.
@@ -38,6 +40,10 @@ PIPELINES = [
     ("topk1%+q2", "topk:0.01|q:2"),
     ("topk0.1%+q4", "topk:0.001|q:4"),
     ("topk1%+sign", "topk:0.01|sign"),
+    ("q8+ans", "q:8|ans"),
+    ("topk1%+q4+ans", "topk:0.01|q:4|ans"),
+    ("topk0.1%+q4+ans", "topk:0.001|q:4|ans"),
+    ("topk1%+q2+ans", "topk:0.01|q:2|ans"),
 ]
 TARGET_SPEC = "topk:0.01|q:4"
 TARGET_OVER_BOUND = 1.10
@@ -57,6 +63,8 @@ class Row:
     bits_per_kept: float
     bound_bytes: float
     over_bound: float
+    over_entropy_bound: float
+    values_over_entropy: float
     encode_mbps: float
     decode_mbps: float
     both_mbps: float
@@ -141,19 +149,21 @@ def measure(case: str, label: str, spec: str, update: dict[str, torch.Tensor], d
     mb = 4 * stats.numel / 1e6
     return Row(case, label, spec, device, stats.numel, stats.kept, stats.payload_bytes,
                4 * stats.numel / stats.payload_bytes, stats.bits_per_kept,
-               stats.bound_bits / 8, stats.over_bound, mb / t_enc, mb / t_dec,
+               stats.bound_bits / 8, stats.over_bound, stats.over_entropy_bound,
+               stats.values_over_entropy, mb / t_enc, mb / t_dec,
                mb / (t_enc + t_dec))
 
 
 def format_table(rows: list[Row]) -> str:
     head = (f"{'case':<12} {'pipeline':<20} {'dev':<4} {'bytes':>10} {'x fp32':>8} "
-            f"{'bits/kept':>9} {'bound B':>10} {'/bound':>7} {'enc MB/s':>9} {'dec MB/s':>9} "
-            f"{'e+d MB/s':>9}")
+            f"{'bits/kept':>9} {'bound B':>10} {'/bound':>7} {'/H bnd':>7} {'val/H':>6} "
+            f"{'enc MB/s':>9} {'dec MB/s':>9} {'e+d MB/s':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r.case:<12} {r.pipeline:<20} {r.device[:4]:<4} {r.payload_bytes:>10d} "
                      f"{r.ratio_vs_fp32:>8.1f} {r.bits_per_kept:>9.2f} {r.bound_bytes:>10.0f} "
-                     f"{r.over_bound:>7.3f} {r.encode_mbps:>9.0f} {r.decode_mbps:>9.0f} "
+                     f"{r.over_bound:>7.3f} {r.over_entropy_bound:>7.3f} "
+                     f"{r.values_over_entropy:>6.3f} {r.encode_mbps:>9.0f} {r.decode_mbps:>9.0f} "
                      f"{r.both_mbps:>9.0f}")
     return "\n".join(lines)
 

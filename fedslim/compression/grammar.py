@@ -6,7 +6,7 @@ Grammar (whitespace around separators is ignored; the canonical form has none)::
     stage  := NAME [":" arg ("," arg)*]
     arg    := VALUE | KEY "=" VALUE
 
-Stages must appear in pipeline order -- selection, values, positions, zstd -- and at most
+Stages must appear in pipeline order -- selection, values, positions, ans, zstd -- and at most
 once each, because the wire format applies them in that order whatever the text says;
 rejecting other orders keeps a spec from suggesting a different pipeline than it runs. The
 ``pass`` option may appear anywhere (it is printed last).
@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from fedslim.compression.spec import (
     DEFAULT_SAMPLED_TOL,
     CastConfig,
+    EntropyConfig,
     PassthroughConfig,
     PipelineSpec,
     PositionCoding,
@@ -52,8 +53,9 @@ class Slot(IntEnum):
     SELECT = 0
     VALUES = 1
     POSITIONS = 2
-    LOSSLESS = 3
-    PASSTHROUGH = 4
+    ENTROPY = 3
+    LOSSLESS = 4
+    PASSTHROUGH = 5
 
 
 @dataclass
@@ -140,6 +142,26 @@ def _parse_topk(a: _Args) -> TopKConfig:
     return TopKConfig(fraction=fraction, count=count, mode=mode, scope=scope, tol=tol)
 
 
+_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(b|kb|kib|mb|mib)?$", re.IGNORECASE)
+_UNITS = {None: 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2}
+
+
+def _parse_budget(a: _Args) -> TopKConfig:
+    text = a.first("size (e.g. 4KB, 4096, 2KiB) or ratio (e.g. x200)", required=True) or ""
+    a.done()
+    if text[:1] in ("x", "X"):
+        return TopKConfig(ratio=_float(a.stage, "ratio", text[1:]), scope=Scope.GLOBAL)
+    match = _SIZE.match(text)
+    if match is None:
+        raise SpecError(f"stage 'budget': size must look like 4KB, 4096 (bytes), 2KiB or "
+                        f"x200 (a ratio), got {text!r}")
+    unit = match.group(2).lower() if match.group(2) else None
+    size = float(match.group(1)) * _UNITS[unit]
+    if not size.is_integer():
+        raise SpecError(f"stage 'budget': {text!r} is not a whole number of bytes")
+    return TopKConfig(budget=int(size), scope=Scope.GLOBAL)
+
+
 def _parse_q(a: _Args) -> QuantizeConfig:
     bits = _int(a.stage, "bits", a.first("bit width", required=True) or "")
     rounding = _enum(a.stage, "round", Rounding, a.key("round"), Rounding.NEAREST)
@@ -178,6 +200,11 @@ def _parse_zstd(a: _Args) -> ZstdConfig:
     return ZstdConfig() if level is None else ZstdConfig(_int(a.stage, "level", level))
 
 
+def _parse_ans(a: _Args) -> EntropyConfig:
+    a.done()
+    return EntropyConfig()
+
+
 def _parse_pass(a: _Args) -> PassthroughConfig:
     below = _int(a.stage, "threshold", a.first("element threshold", required=True) or "")
     precision = _enum(a.stage, "dtype", Precision, a.key("dtype"), Precision.FP32)
@@ -187,7 +214,7 @@ def _parse_pass(a: _Args) -> PassthroughConfig:
 
 StageParser = Callable[[_Args], object]
 _FIELD = {Slot.SELECT: "topk", Slot.VALUES: "values", Slot.POSITIONS: "positions",
-          Slot.LOSSLESS: "zstd", Slot.PASSTHROUGH: "passthrough"}
+          Slot.ENTROPY: "entropy", Slot.LOSSLESS: "zstd", Slot.PASSTHROUGH: "passthrough"}
 STAGES: dict[str, tuple[Slot, StageParser]] = {}
 _EXAMPLES: dict[str, str] = {}
 
@@ -201,6 +228,7 @@ def register_stage(name: str, slot: Slot, parser: StageParser, example: str) -> 
 
 
 register_stage("topk", Slot.SELECT, _parse_topk, "topk:0.01")
+register_stage("budget", Slot.SELECT, _parse_budget, "budget:4KB")
 register_stage("q", Slot.VALUES, _parse_q, "q:4")
 register_stage("sign", Slot.VALUES, _parse_sign, "sign")
 for _p in Precision:
@@ -208,6 +236,7 @@ for _p in Precision:
 for _c in PositionCoding:
     register_stage(_c.value, Slot.POSITIONS, _parse_positions(_c), _c.value)
 register_stage("rice", Slot.POSITIONS, _parse_positions(PositionCoding.GOLOMB), "rice")
+register_stage("ans", Slot.ENTROPY, _parse_ans, "ans")
 register_stage("zstd", Slot.LOSSLESS, _parse_zstd, "zstd:3")
 register_stage("pass", Slot.PASSTHROUGH, _parse_pass, "pass:256")
 
@@ -261,7 +290,7 @@ def _build(text: str) -> PipelineSpec:
         if slot is not Slot.PASSTHROUGH:  # an option more than a stage: allowed anywhere
             if last is not None and slot < last[0]:
                 raise SpecError(f"stage {name!r} must come before {last[1]!r}; order is topk, "
-                                "q|sign|fp16|bf16|fp32, auto|bitmap|golomb, zstd")
+                                "topk|budget, q|sign|fp16|bf16|fp32, auto|bitmap|golomb, ans, zstd")
             last = (slot, name)
         seen[slot] = name
         change: dict[str, Any] = {_FIELD[slot]: parser(args)}

@@ -1,11 +1,12 @@
 """``encode_update`` / ``decode_update``: a model update through a pipeline to bytes and back.
 
 Per tensor the stages run in a fixed order: passthrough check -> top-k selection -> value
-stage -> position coding -> bit packing -> (zstd). The heavy O(n) work (finiteness check,
-selection, dense scatter) runs in torch on the tensors' own device; only the kept values and
-their indices travel to the host for the bit-level coding, so the same code serves CPU and
-CUDA. Decoding is deterministic, and ``return_reconstruction`` goes through the very same
-``decode_values`` / scatter path as the decoder, which is why the two are bit-identical.
+stage -> position coding -> bit packing or entropy coding (``ans``) -> (zstd). The heavy
+O(n) work (finiteness check, selection, dense scatter) runs in torch on the tensors' own
+device; only the kept values and their indices travel to the host for the bit-level coding,
+so the same code serves CPU and CUDA. Decoding is deterministic, and
+``return_reconstruction`` goes through the very same ``decode_values`` / scatter path as
+the decoder, which is why the two are bit-identical.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Literal, overload
 import numpy as np
 import torch
 
-from fedslim.compression import buffers
+from fedslim.compression import buffers, entropy
 from fedslim.compression.bitpack import pack_codes, unpack_codes
 from fedslim.compression.grammar import parse_spec
 from fedslim.compression.positions import PositionCodec, decode_positions, encode_positions
@@ -38,6 +39,7 @@ from fedslim.compression.spec import (
     QuantizeConfig,
     Scope,
     SelectMode,
+    TopKConfig,
 )
 from fedslim.compression.wire import (
     Packing,
@@ -111,14 +113,22 @@ def _is_passthrough(spec: PipelineSpec, numel: int) -> bool:
     return spec.compresses and numel < spec.passthrough.below
 
 
-def _host_bytes(enc: EncodedValues) -> tuple[np.ndarray, np.ndarray]:
-    """(scales, values) sections as little-endian uint8 arrays on the host."""
+def _host_bytes(enc: EncodedValues, use_entropy: bool
+                ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(scales, values) sections as little-endian uint8 arrays on the host, and whether the
+    values are entropy-coded (only where that is smaller than the packed codes)."""
     scales = enc.scales.detach().cpu().numpy().astype("<f4", copy=False).view(np.uint8)
     if enc.codec is ValueCodec.QUANT:
-        return scales, pack_codes(enc.data.cpu().numpy(), enc.bits)
+        codes = enc.data.cpu().numpy()
+        packed = pack_codes(codes, enc.bits)
+        if use_entropy and enc.count:
+            coded = entropy.encode_codes(codes, enc.bits)
+            if len(coded) < packed.size:
+                return scales, np.frombuffer(coded, dtype=np.uint8), True
+        return scales, packed, False
     data = enc.data.view(torch.int16) if enc.codec is ValueCodec.BF16 else enc.data
     host = data.detach().cpu().numpy().astype(_NP_WIRE[enc.codec], copy=False)
-    return scales, host.view(np.uint8)
+    return scales, host.view(np.uint8), False
 
 
 def _densify(values: torch.Tensor, idx: torch.Tensor | None, numel: int) -> torch.Tensor:
@@ -132,26 +142,30 @@ def _densify(values: torch.Tensor, idx: torch.Tensor | None, numel: int) -> torc
 @overload
 def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str, *,
                   generator: torch.Generator | None = ...,
-                  return_reconstruction: Literal[False] = ...) -> bytes: ...
+                  return_reconstruction: Literal[False] = ...,
+                  max_bytes: int | None = ...) -> bytes: ...
 
 
 @overload
 def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str, *,
                   generator: torch.Generator | None = ...,
-                  return_reconstruction: Literal[True]) -> tuple[bytes, dict[str, torch.Tensor]]:
+                  return_reconstruction: Literal[True],
+                  max_bytes: int | None = ...) -> tuple[bytes, dict[str, torch.Tensor]]:
     ...
 
 
 @overload
 def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str, *,
                   generator: torch.Generator | None = ...,
-                  return_reconstruction: bool) -> bytes | tuple[bytes, dict[str, torch.Tensor]]:
+                  return_reconstruction: bool,
+                  max_bytes: int | None = ...) -> bytes | tuple[bytes, dict[str, torch.Tensor]]:
     ...
 
 
 def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str, *,
                   generator: torch.Generator | None = None,
-                  return_reconstruction: bool = False
+                  return_reconstruction: bool = False,
+                  max_bytes: int | None = None
                   ) -> bytes | tuple[bytes, dict[str, torch.Tensor]]:
     """Encode a model update (name -> tensor) into one self-describing payload.
 
@@ -167,22 +181,47 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
     return_reconstruction : bool
         Also return what the decoder will produce, bit for bit (float32, input shapes, on
         the input's device) -- computed from the coded values, without a second decode.
+    max_bytes : int, optional
+        With a ``budget:`` spec, the payload size to fit instead of the spec's own budget
+        (a caller that sends other bytes with the payload passes what is left for it).
 
     Raises
     ------
     SpecError
         If ``spec`` does not parse.
     EncodeError
-        On NaN/Inf, unsupported dtypes, non-str names, or values a cast cannot represent.
+        On NaN/Inf, unsupported dtypes, non-str names, values a cast cannot represent, or
+        a budget below the update's fixed cost.
     """
     spec = parse_spec(spec)
     if not isinstance(tensors, Mapping):
         raise EncodeError(f"expected a mapping of name -> tensor, got {type(tensors).__name__}")
     prepared = [_prepare(name, t) for name, t in tensors.items()]
+    if spec.topk is not None and spec.topk.is_budget:
+        from fedslim.compression.budget import encode_within
+
+        total = sum(p.flat.numel() for p in prepared)
+        limit = spec.topk.budget_for(total) if max_bytes is None else max_bytes
+        pool = sum(p.flat.numel() for p in prepared
+                   if not _is_passthrough(spec, p.flat.numel()))
+        payload, recon = encode_within(
+            lambda k: encode_prepared(prepared, spec, TopKConfig(count=k, scope=Scope.GLOBAL),
+                                      generator, return_reconstruction),
+            limit, pool, spec)
+        return (payload, recon) if return_reconstruction else payload
+    payload, recon = encode_prepared(prepared, spec, spec.topk, generator,
+                                     return_reconstruction)
+    return (payload, recon) if return_reconstruction else payload
+
+
+def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec, select: TopKConfig | None,
+                    generator: torch.Generator | None, return_reconstruction: bool
+                    ) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """The payload (and reconstruction, if asked) with selection ``select``."""
     selected: dict[str, torch.Tensor] = {}
-    if spec.topk is not None:
+    if select is not None:
         pool = [p for p in prepared if not _is_passthrough(spec, p.flat.numel())]
-        chosen = select_topk([p.flat for p in pool], spec.topk, generator)
+        chosen = select_topk([p.flat for p in pool], select, generator)
         selected = {p.name: idx for p, idx in zip(pool, chosen, strict=True)}
     records: list[TensorRecord] = []
     recon: dict[str, torch.Tensor] = {}
@@ -201,17 +240,17 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
         else:
             coded = encode_positions(idx.cpu().numpy(), numel, spec.positions)
             pos_codec, rice, pos_data = coded.codec, coded.param, coded.data
-        scales, values_bytes = _host_bytes(enc)
+        scales, values_bytes, ans = _host_bytes(enc, spec.entropy is not None)
         records.append(TensorRecord(
             p.name, _SOURCE[p.tensor.dtype], tuple(p.tensor.shape), enc.codec, enc.bits,
-            enc.block, pos_codec, rice, enc.count, pos_data, scales, values_bytes))
+            enc.block, pos_codec, rice, enc.count, pos_data, scales, values_bytes,
+            entropy=ans))
         if return_reconstruction:
             sent = _densify(decode_values(enc), idx, numel)
             if sent.numel() and sent.data_ptr() == p.tensor.data_ptr():
                 sent = sent.clone()  # lossless path: never hand back an alias of the input
             recon[p.name] = sent.view(p.tensor.shape)
-    payload = write_payload(str(spec), records, spec.zstd.level if spec.zstd else None)
-    return (payload, recon) if return_reconstruction else payload
+    return write_payload(str(spec), records, spec.zstd.level if spec.zstd else None), recon
 
 
 def _check_against_spec(spec: PipelineSpec, rec: TensorRecord, where: str) -> None:
@@ -236,11 +275,14 @@ def _check_against_spec(spec: PipelineSpec, rec: TensorRecord, where: str) -> No
         ok = spec.topk is not None and rec.position_codec in allowed
         expected = f"positions coded as {spec.positions.value}" if spec.topk else "no top-k"
     if ok and spec.topk is not None and not _is_passthrough(spec, rec.numel):
-        if spec.topk.scope is Scope.TENSOR and spec.topk.mode is SelectMode.EXACT:
+        if (spec.topk.scope is Scope.TENSOR and spec.topk.mode is SelectMode.EXACT
+                and not spec.topk.is_budget):
             ok = rec.count == spec.topk.k_for(rec.numel)
             expected = f"exactly {spec.topk.k_for(rec.numel)} kept values"
     if ok and rec.packing is Packing.ZSTD and spec.zstd is None:
         ok, expected = False, "no zstd packing"
+    if ok and rec.entropy and spec.entropy is None:
+        ok, expected = False, "no entropy-coded values"
     if not ok:
         raise DecodeError(f"{where}: record does not match the payload's spec {str(spec)!r}: "
                           f"expected {expected}")
@@ -248,7 +290,9 @@ def _check_against_spec(spec: PipelineSpec, rec: TensorRecord, where: str) -> No
 
 def _values_from_record(rec: TensorRecord, device: torch.device, where: str) -> EncodedValues:
     if rec.value_codec is ValueCodec.QUANT:
-        codes = unpack_codes(rec.values, rec.bits, rec.count, f"{where}: values")
+        codes = (entropy.decode_codes(rec.values, rec.bits, rec.count, f"{where}: values")
+                 if rec.entropy else unpack_codes(rec.values, rec.bits, rec.count,
+                                                  f"{where}: values"))
         scales = np.frombuffer(rec.scales, dtype="<f4").astype(np.float32)
         if scales.size and not (np.isfinite(scales).all() and (scales >= 0).all()):
             raise DecodeError(f"{where}: scales must be finite and >= 0, got min "
@@ -339,7 +383,12 @@ def _decode(payload: bytes | bytearray | memoryview, max_elements: int,
         tensors[rec.name] = _densify(values, index, rec.numel).view(rec.shape)
         sources[rec.name] = SOURCE_DTYPES[rec.source_dtype]
     topk = spec.topk
-    if topk is not None and topk.scope is Scope.GLOBAL and topk.mode is SelectMode.EXACT:
+    if topk is not None and topk.is_budget:
+        limit = topk.budget_for(sum(rec.numel for rec in records))
+        if len(payload) > limit:
+            raise DecodeError(f"payload is {len(payload)} bytes, over its spec's budget "
+                              f"({limit} bytes)")
+    elif topk is not None and topk.scope is Scope.GLOBAL and topk.mode is SelectMode.EXACT:
         if kept_in_pool != topk.k_for(pool_numel):
             raise DecodeError(f"global top-k payload keeps {kept_in_pool} values, spec "
                               f"{str(spec)!r} implies {topk.k_for(pool_numel)}")

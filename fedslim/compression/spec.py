@@ -101,20 +101,37 @@ def _fmt_float(x: float) -> str:
     return repr(float(x))
 
 
+def _fmt_ratio(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else _fmt_float(x)
+
+
 @dataclass(frozen=True)
 class TopKConfig:
-    """Keep the largest-magnitude entries: a ``fraction`` in (0, 1] or a fixed ``count``."""
+    """Keep the largest-magnitude entries: a ``fraction`` in (0, 1], a fixed ``count``, or
+    as many as fit a byte budget (``budget`` bytes, or the update's float32 size over
+    ``ratio``); a budget always selects globally, by magnitude across tensors."""
 
     fraction: float | None = None
     count: int | None = None
     mode: SelectMode = SelectMode.EXACT
     scope: Scope = Scope.TENSOR
     tol: float = DEFAULT_SAMPLED_TOL
+    budget: int | None = None
+    ratio: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.fraction is None) == (self.count is None):
+        given = [x is not None for x in (self.fraction, self.count, self.budget, self.ratio)]
+        if sum(given) != 1:
             raise SpecError("topk needs exactly one of a fraction (e.g. 0.01 or 1%) or a "
-                            "count (e.g. k=100)")
+                            "count (e.g. k=100); budget needs one of bytes or xRATIO")
+        if self.is_budget:
+            if self.budget is not None and not (64 <= self.budget <= 1 << 40):
+                raise SpecError(f"budget must be 64 B .. 1 TB, got {self.budget!r} bytes")
+            if self.ratio is not None and not (1.0 <= self.ratio <= 1e9
+                                               and math.isfinite(self.ratio)):
+                raise SpecError(f"budget ratio must be in 1..1e9, got {self.ratio!r}")
+            if self.scope is not Scope.GLOBAL:
+                raise SpecError("a byte budget selects across tensors (scope=global)")
         if self.fraction is not None and not (0.0 < self.fraction <= 1.0):
             raise SpecError(f"topk fraction must be in (0, 1], got {self.fraction!r}")
         if self.count is not None and self.count < 1:
@@ -124,8 +141,21 @@ class TopKConfig:
         if self.mode is SelectMode.EXACT and self.tol != DEFAULT_SAMPLED_TOL:
             raise SpecError("topk tol applies only to mode=sampled")
 
+    @property
+    def is_budget(self) -> bool:
+        """True for ``budget:``: the encoder picks k so the payload fits the budget."""
+        return self.budget is not None or self.ratio is not None
+
+    def budget_for(self, numel: int) -> int:
+        """The byte budget of an update of ``numel`` float32 values."""
+        if self.budget is not None:
+            return self.budget
+        return max(1, math.floor(4 * numel / (self.ratio or 1.0)))
+
     def k_for(self, numel: int) -> int:
         """Number of entries to keep out of ``numel`` (at least one when numel > 0)."""
+        if self.is_budget:
+            raise SpecError("a byte budget has no fixed k: the encoder chooses it")
         if numel <= 0:
             return 0
         if self.count is not None:
@@ -143,6 +173,10 @@ class TopKConfig:
         return StageProperties(False, False, self.mode is SelectMode.EXACT)
 
     def __str__(self) -> str:
+        if self.budget is not None:
+            return f"budget:{self.budget}"
+        if self.ratio is not None:
+            return f"budget:x{_fmt_ratio(self.ratio)}"
         amount = (f"k={self.count}" if self.count is not None
                   else _fmt_float(self.fraction or 0.0))
         parts = [amount]
@@ -243,6 +277,22 @@ class ZstdConfig:
 
 
 @dataclass(frozen=True)
+class EntropyConfig:
+    """rANS coding of quantized value codes under their histogram (the ``ans`` stage).
+
+    Lossless: it changes how the codes are written, not what they are. A tensor keeps the
+    bit-packed form where that is smaller (tiny tensors, near-uniform codes).
+    """
+
+    @property
+    def properties(self) -> StageProperties:
+        return EXACT
+
+    def __str__(self) -> str:
+        return "ans"
+
+
+@dataclass(frozen=True)
 class PassthroughConfig:
     """Tensors with fewer than ``below`` elements go as plain ``precision`` values."""
 
@@ -275,12 +325,16 @@ class PipelineSpec:
     positions: PositionCoding = PositionCoding.AUTO
     zstd: ZstdConfig | None = None
     passthrough: PassthroughConfig = field(default_factory=PassthroughConfig)
+    entropy: EntropyConfig | None = None
 
     def __post_init__(self) -> None:
         if self.positions is not PositionCoding.AUTO and self.topk is None:
             raise SpecError(
                 f"position coding {self.positions.value!r} needs a 'topk' stage before it"
             )
+        if self.entropy is not None and not isinstance(self.values, QuantizeConfig):
+            raise SpecError("'ans' entropy-codes quantized values: it needs a 'q:B' stage "
+                            "before it")
 
     # -- declared properties -------------------------------------------------------------
     @property
@@ -301,7 +355,8 @@ class PipelineSpec:
     def is_identity(self) -> bool:
         """True when the pipeline sends plain float32 values (``none``, ``fp32``): the
         compression layer then leaves the message as stock Flower would send it."""
-        return (not self.compresses and self.values == CastConfig() and self.zstd is None)
+        return (not self.compresses and self.values == CastConfig() and self.zstd is None
+                and self.entropy is None)
 
     @property
     def is_lossless(self) -> bool:
@@ -339,8 +394,8 @@ class PipelineSpec:
                             f"got {server_round} and {warmup_rounds}")
         if not (0.0 < start_density <= 1.0):
             raise SpecError(f"start_density must be in (0, 1], got {start_density!r}")
-        if warmup_rounds == 0 or self.topk is None:
-            return self
+        if warmup_rounds == 0 or self.topk is None or self.topk.is_budget:
+            return self  # (a budget is a size, not a density: nothing to warm up)
         target = self.topk.fraction
         if target is None:
             raise SpecError(f"sparsity warm-up needs a fractional topk, not a count ({self.topk})")
@@ -359,6 +414,8 @@ class PipelineSpec:
             stages.append(str(self.values))
         if self.positions is not PositionCoding.AUTO:
             stages.append(self.positions.value)
+        if self.entropy is not None:
+            stages.append(str(self.entropy))
         if self.zstd is not None:
             stages.append(str(self.zstd))
         if not self.passthrough.is_default:

@@ -18,7 +18,8 @@ Layout (all integers little-endian; ``varint`` = unsigned LEB128, minimal, <= 10
       u8     dtype_ndim: bits 7-6 source dtype (0 f32, 1 f16, 2 bf16, 3 f64), bits 5-0 ndim
       ndim x varint dim (ndim <= 32)
       u8     coding: bits 7-6 value codec (0 f32, 1 f16, 2 bf16, 3 quantized),
-                     bits 5-2 bits (1..8 when quantized, else 0), bit 1 = 0, bit 0 zstd
+                     bits 5-2 bits (1..8 when quantized, else 0),
+                     bit 1 entropy-coded values (quantized only; see entropy.py), bit 0 zstd
       varint block (quantized: 0 = one scale per tensor; else 0)
       u8     position: bits 7-6 codec (0 all, 1 bitmap, 2 golomb-rice), bits 5-0 rice param
       varint count (kept values)
@@ -88,6 +89,7 @@ class TensorRecord:
     scales: np.ndarray
     values: np.ndarray
     packing: Packing = Packing.RAW
+    entropy: bool = False
 
     @property
     def numel(self) -> int:
@@ -156,7 +158,7 @@ def write_payload(spec: str, records: list[TensorRecord], zstd_level: int | None
         head.append(rec.source_dtype << 6 | len(rec.shape))
         for d in rec.shape:
             head += _varint(d)
-        head.append(rec.value_codec << 6 | rec.bits << 2 | packing)
+        head.append(rec.value_codec << 6 | rec.bits << 2 | int(rec.entropy) << 1 | packing)
         head += _varint(rec.block)
         head.append(rec.position_codec << 6 | rec.rice_param)
         head += _varint(rec.count)
@@ -317,9 +319,8 @@ def _read_record(rd: _Reader, budget: int, previous: bytes,
                  ) -> tuple[TensorRecord, bytes]:
     name, raw_name, source, shape, numel = _read_name_shape(rd, budget, previous, schema)
     coding = rd.u8("coding byte")
-    if coding & 0b10:
-        raise rd.fail(f"reserved bit set in coding byte 0x{coding:02x}")
     value_codec, bits, packing = ValueCodec(coding >> 6), (coding >> 2) & 0xF, Packing(coding & 1)
+    entropy = bool(coding & 0b10)
     block = rd.varint("block")
     position = rd.u8("position byte")
     pos_codec = _enum(rd, PositionCodec, position >> 6, "position codec")
@@ -342,7 +343,12 @@ def _read_record(rd: _Reader, budget: int, previous: bytes,
     expected_scales = 4 * n_scales(count, block) if quant else 0
     if lengths[1] != expected_scales:
         raise rd.fail(f"scales section is {lengths[1]} bytes, expected {expected_scales}")
-    if lengths[2] != expected_values:
+    if entropy:  # only ever used where it is smaller than the packed codes
+        if not quant or count < 1 or not 0 < lengths[2] < expected_values:
+            raise rd.fail(f"entropy-coded values section is {lengths[2]} bytes; it needs "
+                          f"quantized values, count >= 1 and fewer than {expected_values} "
+                          f"bytes (count {count}, {value_codec.name}, {bits} bits)")
+    elif lengths[2] != expected_values:
         raise rd.fail(f"values section is {lengths[2]} bytes, expected {expected_values} "
                       f"for {count} values")
     _check_positions_length(rd, pos_codec, rice, count, numel, lengths[0])
@@ -356,7 +362,8 @@ def _read_record(rd: _Reader, budget: int, previous: bytes,
     sections = [data[cut[j]:cut[j + 1]] for j in range(3)]
     return TensorRecord(name, SourceDtype(source), shape, value_codec, bits, block,
                         PositionCodec(pos_codec), rice, count, positions=sections[0],
-                        scales=sections[1], values=sections[2], packing=packing), raw_name
+                        scales=sections[1], values=sections[2], packing=packing,
+                        entropy=entropy), raw_name
 
 
 def _check_positions_length(rd: _Reader, codec: IntEnum, rice: int, count: int, numel: int,

@@ -27,6 +27,8 @@ STAGE_SPECS = [
     "topk:0.3|bitmap|pass:0",
     "topk:0.05|golomb|pass:0",
     "topk:0.5|zstd|pass:0",
+    "q:4|ans|pass:0",
+    "q:8,block=16|ans|pass:0",
     "topk:0.1,mode=sampled,tol=0.2|pass:0",
     "pass:64,dtype=fp16|zstd",
 ]
@@ -41,6 +43,8 @@ PIPELINE_SPECS = [
     "q:8",
     "q:8,round=stochastic,scale=norm|zstd",
     "topk:0.1|fp16|zstd:19",
+    "topk:0.01|q:4|ans",
+    "topk:0.05|q:2,round=stochastic|golomb|ans|zstd",
 ]
 ALL_SPECS = STAGE_SPECS + PIPELINE_SPECS
 

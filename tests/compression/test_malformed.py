@@ -23,7 +23,8 @@ from fedslim.compression.positions import PositionCodec, _encode_rice, decode_po
 from fedslim.compression.wire import HEADER, TensorRecord, read_payload, write_payload
 from fedslim.errors import DecodeError
 
-SPECS = ["none", "q:8", "topk:0.1|q:4|pass:0", "topk:0.3|q:3,block=4|bitmap|pass:0",
+SPECS = ["none", "q:8", "topk:0.1|q:4|pass:0", "q:4|ans|pass:0", "topk:0.5|q:3|ans|pass:0",
+         "topk:0.3|q:3,block=4|bitmap|pass:0",
          "topk:0.2|sign|golomb|pass:8", "topk:0.5|fp16|zstd|pass:0",
          "topk:0.2,scope=global,mode=sampled|bf16|pass:0"]
 
@@ -170,7 +171,7 @@ CASES = {
     "does not match the payload's spec": rebuild(VALID, "topk:k=3|q:5|golomb|pass:0"),
     "exactly 2 kept values": write_payload("topk:k=2|pass:0", [_record()], None),
     "unknown position codec 3": write_payload("none", [_record(position_codec=3)], None),
-    "reserved bit set": with_crc(b"\x04none\x01\x00\x01w\x01\x04\x02"),
+    "entropy-coded values section": write_payload("none", [_record(entropy=True)], None),
     "shares 3 bytes with a previous name of 0": with_crc(b"\x04none\x01\x03\x01w"),
     "not valid UTF-8": with_crc(b"\x04none\x01\x00\x02\xff\xfe"),
     "non-minimal varint": with_crc(b"\x84\x00none\x00"),

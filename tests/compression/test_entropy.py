@@ -1,0 +1,132 @@
+"""The ``ans`` stage: rANS-coded quantized values -- exact, near the entropy, hostile-proof."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedslim.compression import decode_update, encode_update, parse_spec
+from fedslim.compression.entropy import decode_codes, empirical_entropy_bytes, encode_codes
+from fedslim.compression.wire import read_payload, write_payload
+from fedslim.errors import DecodeError, SpecError
+
+pytest.importorskip("constriction")
+
+
+def heavy_update(n: int = 20_000, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 4  # heavy-tailed
+    return {"w": w.reshape(-1, 100), "b": torch.randn(300, generator=g)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), data=st.data())
+def test_codes_round_trip_exactly(bits: int, data: st.DataObject) -> None:
+    n = data.draw(st.integers(1, 3000))
+    skew = data.draw(st.floats(0.0, 6.0))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    p = np.exp(-skew * np.abs(np.arange(1 << bits) - (1 << bits) / 2) / (1 << bits))
+    codes = rng.choice(1 << bits, size=n, p=p / p.sum()).astype(np.uint8)
+    blob = np.frombuffer(encode_codes(codes, bits), np.uint8)
+    assert np.array_equal(decode_codes(blob, bits, n, "t"), codes)
+
+
+def test_size_is_within_a_percent_of_the_empirical_entropy() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_t(2, size=200_000)
+    codes = np.clip(np.round((x / np.abs(x).max() + 1) * 7.5), 0, 15).astype(np.uint8)
+    size = len(encode_codes(codes, 4))
+    bound = empirical_entropy_bytes(codes, 4)
+    assert bound < size <= bound * 1.01 + 40  # + the 16-entry histogram
+
+
+@pytest.mark.parametrize("spec", ["q:4|ans", "topk:0.05|q:4|ans", "q:8|ans|zstd",
+                                  "topk:0.1|q:3,block=64|golomb|ans"])
+def test_ans_is_lossless_over_the_quantized_pipeline(spec: str) -> None:
+    update = heavy_update()
+    plain = str(replace(parse_spec(spec), entropy=None))
+    coded, sent = encode_update(update, spec, return_reconstruction=True)
+    reference = decode_update(encode_update(update, plain)).tensors
+    decoded = decode_update(coded).tensors
+    for k in update:
+        assert torch.equal(decoded[k], reference[k]) and torch.equal(decoded[k], sent[k])
+    assert len(coded) < len(encode_update(update, plain))
+
+
+def test_each_record_keeps_the_smaller_form() -> None:
+    g = torch.Generator().manual_seed(3)
+    update = {"signs": torch.randn(4096, generator=g), "tiny": torch.randn(9, generator=g)}
+    _, records = read_payload(encode_update(update, "q:1|ans|pass:0"), 1 << 20)
+    assert [r.entropy for r in records] == [False, False]  # 1 bit/value already: packed
+    _, records = read_payload(encode_update(heavy_update(), "q:4|ans"), 1 << 20)
+    assert records[0].entropy
+
+
+def test_spec_needs_quantized_values() -> None:
+    assert str(parse_spec("topk:0.01 | q:4 | ans | zstd")) == "topk:0.01|q:4|ans|zstd"
+    for bad in ("ans", "topk:0.1|ans", "fp16|ans", "sign|ans", "q:4|zstd|ans", "q:4|ans:3"):
+        with pytest.raises(SpecError):
+            parse_spec(bad)
+
+
+def _coded_record(spec: str = "q:4|ans|pass:0") -> tuple[str, list]:  # type: ignore[type-arg]
+    text, records = read_payload(encode_update(heavy_update(4000), spec), 1 << 20)
+    assert records[0].entropy
+    return text, records
+
+
+def _with_values(values: np.ndarray) -> bytes:
+    text, records = _coded_record()
+    records[0] = replace(records[0], values=values.astype(np.uint8))
+    return write_payload(text, records, None)
+
+
+def test_hostile_sections_are_typed_errors() -> None:
+    text, records = _coded_record()
+    good = records[0].values
+    cases = {
+        "does not decode to its histogram": np.concatenate([good[:-4], [1, 2, 3, 4]]),
+        "not whole 32-bit words": good[:-1],
+        "histogram sums to": np.concatenate([[5], good[1:]]),
+        "end inside the histogram": good[:3],
+    }
+    for message, values in cases.items():
+        with pytest.raises(DecodeError, match=message):
+            decode_update(_with_values(values))
+    spec_without = write_payload("q:4|pass:0", records, None)
+    with pytest.raises(DecodeError, match="no entropy-coded values"):
+        decode_update(spec_without)
+
+
+@settings(max_examples=200, deadline=None)
+@given(junk=st.binary(min_size=1, max_size=400))
+def test_any_values_section_is_a_typed_error_or_the_declared_codes(junk: bytes) -> None:
+    text, records = _coded_record()
+    limit = records[0].values.size
+    values = np.frombuffer(junk[: limit - 1] or b"\x00", np.uint8)
+    records[0] = replace(records[0], values=values)
+    try:
+        out = decode_update(write_payload(text, records, None))
+    except DecodeError:
+        return
+    assert out.tensors["w"].shape == (40, 100)
+
+
+def test_histogram_fields_are_checked() -> None:
+    codes = np.array([0, 1, 1, 3], np.uint8)
+    blob = np.frombuffer(encode_codes(codes, 2), np.uint8)
+    assert blob[0] == 0b1011  # codes 0, 1 and 3 occur
+    assert np.array_equal(decode_codes(blob, 2, 4, "t"), codes)
+    beyond = blob.copy()
+    beyond[0] |= 0x10
+    with pytest.raises(DecodeError, match="beyond 2 bits"):
+        decode_codes(beyond, 2, 4, "t")
+    zero = blob.copy()
+    zero[1] = 0
+    with pytest.raises(DecodeError, match="occurs 0 times"):
+        decode_codes(zero, 2, 4, "t")
