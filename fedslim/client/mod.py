@@ -29,11 +29,18 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fedslim.compression import ErrorFeedback, decode_update, encode_update, parse_spec
+from fedslim.compression import (
+    ErrorFeedback,
+    PipelineSpec,
+    decode_update,
+    encode_update,
+    parse_spec,
+)
 from fedslim.errors import DecodeError, EncodeError
 from fedslim.flower_io import (
     apply_delta,
     chain_from_record,
+    message_bytes,
     payload_record,
     state_crc,
     state_record,
@@ -210,7 +217,10 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
         if ef is not None:
             update = ef.apply(update)
         gen = make_generator(head.seed, _node_key(context), head.server_round, 7)
-        payload, sent = encode_update(update, spec, generator=gen, return_reconstruction=True)
+        room = _payload_room(reply, key, spec, start, keys, len(
+            _header(head, start, encode_seconds=0.0, raw_bytes=0).pack()))
+        payload, sent = encode_update(update, spec, generator=gen, return_reconstruction=True,
+                                      max_bytes=room)
         if ef is not None:
             ef.record(update, sent)
             context.state[STATE_EF] = ArrayRecord(ef.state_dict())
@@ -223,6 +233,33 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
     else:  # one array: the header, then the wire payload
         del reply.content[key]
         reply.content[PAYLOAD] = payload_record(header.pack() + payload)
+
+
+ENVELOPE_MARGIN = 24  # bytes: length fields in the envelope grow with the payload's size
+
+
+def _payload_room(reply: Message, key: str, spec: PipelineSpec, start: State,
+                  keys: list[str], header_size: int) -> int | None:
+    """With a ``budget:`` uplink, what is left for the payload once the rest of the reply
+    (Flower's envelope, the app's metrics, our header) is counted: so the whole reply, as
+    Flower serializes it, stays within the budget. ``None`` for other pipelines."""
+    if spec.topk is None or not spec.topk.is_budget:
+        return None
+    limit = spec.topk.budget_for(sum(start[k].numel() for k in keys))
+    weights = reply.content[key]
+    del reply.content[key]
+    reply.content[PAYLOAD] = payload_record(bytes(header_size))
+    try:
+        envelope = message_bytes(reply)
+    finally:
+        del reply.content[PAYLOAD]
+        reply.content[key] = weights
+    room = limit - envelope - ENVELOPE_MARGIN
+    if room < 64:
+        raise EncodeError(f"uplink budget of {limit} bytes leaves {room} for the update once "
+                          f"the reply's other {envelope} bytes (Flower's envelope, the app's "
+                          "metrics) are counted; raise the budget")
+    return room
 
 
 def make_compression_mod(initial_state: InitialState | None = None,

@@ -1,0 +1,37 @@
+"""``uplink=budget:``: every train reply, as Flower serializes it, stays within the budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedslim.client.app import make_client_app
+from fedslim.config import parse_run_config
+from fedslim.server.app import run_server
+from tests.loopback import LoopbackGrid
+
+pytest.importorskip("constriction")
+
+
+@pytest.mark.parametrize("budget", ["budget:2500|q:4|ans", "budget:x250|q:4|ans|pass:0"])
+def test_whole_replies_fit_the_budget_and_the_model_learns(tmp_path, budget: str) -> None:
+    overrides = {"num-server-rounds": 4, "output-dir": str(tmp_path), "progress": False,
+                 "uplink": budget, "server-opt": "avgm", "server-momentum": 0.5}
+    cfg = parse_run_config(overrides)
+    grid = LoopbackGrid(make_client_app(overrides), 4)
+    res = run_server(grid, cfg)
+    limit = 2500 if "2500" in budget else 605_224 // 250
+    train_up = [n for m, n in zip(grid.received, grid.bytes_up, strict=True)
+                if m.metadata.message_type == "train"]
+    assert len(train_up) == 16 and max(train_up) <= limit
+    assert min(train_up) > 0.9 * limit  # and the budget is used
+    assert all(r.rejects == [] for r in res.rounds)
+    assert res.final is not None and res.final.test_accuracy > 0.5
+
+
+def test_a_budget_smaller_than_the_envelope_is_a_client_error(tmp_path) -> None:
+    overrides = {"num-server-rounds": 1, "output-dir": str(tmp_path), "progress": False,
+                 "uplink": "budget:900|q:4"}
+    res = run_server(LoopbackGrid(make_client_app(overrides), 3), parse_run_config(overrides))
+    assert res.final is not None and res.final.error is not None
+    reasons = [r.reason for r in res.rounds[0].rejects]
+    assert reasons and all("raise the budget" in r for r in reasons)
