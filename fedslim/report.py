@@ -85,6 +85,8 @@ class CommReport:
     decode_seconds: float = 0.0      # server's decode + validation time
     per_node: dict[str, NodeBytes] = field(default_factory=dict)
     uplink_ratio: float | None = None
+    kept_per_tensor: dict[str, float] = field(default_factory=dict)  # mean over replies
+    kept_replies: int = 0            # compressed replies behind kept_per_tensor
 
     @property
     def total_bytes(self) -> int:

@@ -59,6 +59,19 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "both ways: down topk 5% + q4": {**_UP, "downlink": "topk:0.05|q:4"},
     "both ways: down topk 2% + q4": {**_UP, "downlink": "topk:0.02|q:4"},
     "both ways: down topk 1% + q4": {**_UP, "downlink": "topk:0.01|q:4"},
+    # byte budgets (whole serialized reply, envelope and metrics included) + entropy-coded
+    # values: the settings of issue 15, uplink only so they compare with the first block
+    "budget x250 + q4 + ans, momentum": {"uplink": "budget:x250|q:4|ans", **_MOMENTUM,
+                                         **_ONE_WAY},
+    "budget x250 + q4 + ans, pass:0, momentum": {"uplink": "budget:x250|q:4|ans|pass:0",
+                                                 **_MOMENTUM, **_ONE_WAY},
+    "budget x250 + q2 + ans, pass:0, momentum": {"uplink": "budget:x250|q:2|ans|pass:0",
+                                                 **_MOMENTUM, **_ONE_WAY},
+    "budget x150 + q4 + ans, momentum": {"uplink": "budget:x150|q:4|ans", **_MOMENTUM,
+                                         **_ONE_WAY},
+    # other model sizes (-c model=...): the same recipe at other budgets
+    **{f"budget x{r} + q4 + ans, momentum": {"uplink": f"budget:x{r}|q:4|ans", **_MOMENTUM,
+                                             **_ONE_WAY} for r in (20, 30, 50, 100, 500)},
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -71,11 +71,15 @@ class DecodedUpdate:
         float32 tensors in the sender's order and shapes, on the requested device.
     source_dtypes : dict[str, torch.dtype]
         The dtype each tensor had before encoding (informational).
+    kept : dict[str, int]
+        How many values of each tensor were sent (its ``numel`` when not sparsified): the
+        sender's allocation, e.g. of a ``budget:``.
     """
 
     spec: PipelineSpec
     tensors: dict[str, torch.Tensor]
     source_dtypes: dict[str, torch.dtype]
+    kept: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -392,7 +396,7 @@ def _decode(payload: bytes | bytearray | memoryview, max_elements: int,
         if kept_in_pool != topk.k_for(pool_numel):
             raise DecodeError(f"global top-k payload keeps {kept_in_pool} values, spec "
                               f"{str(spec)!r} implies {topk.k_for(pool_numel)}")
-    return DecodedUpdate(spec, tensors, sources)
+    return DecodedUpdate(spec, tensors, sources, {rec.name: rec.count for rec in records})
 
 
 __all__ = ["DecodedUpdate", "decode_update", "encode_update"]

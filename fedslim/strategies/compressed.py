@@ -225,6 +225,7 @@ class Compressed(StrategyWrapper):
                 msg.content = dec.content
                 size = message_bytes(msg)
             self.ledger.timing(dec.encode_seconds, dec.decode_seconds)
+            self.ledger.allocation(dec.kept)
             self.ledger.plain_equivalent(size)
             self.downlink.acknowledge(node)
             accepted.append(msg)

@@ -56,6 +56,15 @@ class ByteLedger:
         """Add the size a train reply would have had with plain float32 arrays."""
         self.report.uplink_none_bytes += size
 
+    def allocation(self, kept: dict[str, int]) -> None:
+        """Add one decoded reply's values-sent-per-tensor (averaged over replies on close)."""
+        if not kept:
+            return
+        r = self.report
+        r.kept_replies += 1
+        for name, count in kept.items():
+            r.kept_per_tensor[name] = r.kept_per_tensor.get(name, 0.0) + count
+
     def timing(self, encode_seconds: float = 0.0, decode_seconds: float = 0.0) -> None:
         self.report.encode_seconds += encode_seconds
         self.report.decode_seconds += decode_seconds
@@ -63,4 +72,6 @@ class ByteLedger:
     def close(self) -> CommReport:
         r = self.report
         r.uplink_ratio = r.uplink_none_bytes / r.uplink_bytes if r.uplink_bytes else None
+        if r.kept_replies:
+            r.kept_per_tensor = {k: v / r.kept_replies for k, v in r.kept_per_tensor.items()}
         return r

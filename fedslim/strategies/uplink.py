@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
@@ -49,6 +49,7 @@ class Decoded:
     weight: float
     encode_seconds: float
     decode_seconds: float
+    kept: dict[str, int] = field(default_factory=dict)  # values sent per tensor (payloads)
 
 
 MAX_EXAMPLES = 1e12  # no client holds more; beyond 2^53 a count is not even an integer
@@ -124,13 +125,15 @@ class UplinkDecoder:
         t0 = time.perf_counter()
         header, payload = self._header(content, exp, who)
         out = RecordDict({k: v for k, v in content.items() if k not in (UP, PAYLOAD)})
+        kept: dict[str, int] = {}
         if exp.spec.is_identity:  # plain arrays: validated, passed on as the client sent them
             self._plain(content, base, exp.arrays_key, who)
         else:
-            out[exp.arrays_key] = state_record(self._payload(payload, base, exp.spec, who))
+            weights, kept = self._payload(payload, base, exp.spec, who)
+            out[exp.arrays_key] = state_record(weights)
         return Decoded(content=out, weight=weight,
                        encode_seconds=header.encode_seconds if header else 0.0,
-                       decode_seconds=time.perf_counter() - t0)
+                       decode_seconds=time.perf_counter() - t0, kept=kept)
 
     def _header(self, content: RecordDict, exp: Expected, who: str
                 ) -> tuple[UplinkHeader | None, bytes]:
@@ -193,7 +196,8 @@ class UplinkDecoder:
                                      f"expected {expected[k]}")
 
     @staticmethod
-    def _payload(payload: bytes, base: State, spec: PipelineSpec, who: str) -> State:
+    def _payload(payload: bytes, base: State, spec: PipelineSpec, who: str
+                 ) -> tuple[State, dict[str, int]]:
         fkeys = float_keys(base)
         limit = sum(base[k].numel() for k in fkeys)
         schema = {k: tuple(base[k].shape) for k in fkeys}
@@ -208,7 +212,7 @@ class UplinkDecoder:
         for k in update:
             if not bool(torch.isfinite(weights[k]).all()):
                 raise UpdateRejected(f"{who}: global + update overflows to Inf in {k!r}")
-        return weights
+        return weights, decoded.kept
 
 
 __all__ = ["Decoded", "Expected", "UplinkDecoder", "check_weight", "partition_of",

@@ -90,6 +90,12 @@ def digits_tiny(input_shape: InputShape, num_classes: int) -> nn.Module:
     return ConvNet(_channels(input_shape), num_classes, c1=8, c2=16, hidden=24)
 
 
+@register_model("digits_wide")
+def digits_wide(input_shape: InputShape, num_classes: int) -> nn.Module:
+    """~1.1M parameters (a 512-wide head): the large model of the byte-budget benchmark."""
+    return ConvNet(_channels(input_shape), num_classes, c1=64, c2=128, hidden=512)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()

@@ -26,6 +26,13 @@ def test_whole_replies_fit_the_budget_and_the_model_learns(tmp_path, budget: str
     assert min(train_up) > 0.9 * limit  # and the budget is used
     assert all(r.rejects == [] for r in res.rounds)
     assert res.final is not None and res.final.test_accuracy > 0.5
+    comm = res.rounds[-1].comm  # the allocation is reported per tensor, mean over replies
+    assert comm is not None and comm.kept_replies == 4
+    kept = comm.kept_per_tensor
+    assert set(kept) == {"features.0.weight", "features.0.bias", "features.2.weight",
+                         "features.2.bias", "head.1.weight", "head.1.bias", "head.3.weight",
+                         "head.3.bias"}
+    assert kept["head.1.weight"] > kept["head.3.weight"] > 0
 
 
 def test_a_budget_smaller_than_the_envelope_is_a_client_error(tmp_path) -> None:
