@@ -57,6 +57,7 @@ STATE_GLOBAL = "fedslim.global"    # ArrayRecord: the global model this node hol
 STATE_META = "fedslim.meta"        # ConfigRecord: stream + version of STATE_GLOBAL
 STATE_EF = "fedslim.ef"            # ArrayRecord: error-feedback residuals
 STATE_EF_META = "fedslim.ef-meta"  # ConfigRecord: stream the residuals belong to
+STATE_LOWRANK = "fedslim.lowrank"  # ArrayRecord: lowrank's warm-start Q per tensor
 
 # -- files in output-dir ------------------------------------------------------------------
 RESULTS_FILE = "results.json"

@@ -54,6 +54,7 @@ from fedslim.protocol import (
     STATE_EF,
     STATE_EF_META,
     STATE_GLOBAL,
+    STATE_LOWRANK,
     STATE_META,
     UP,
     DownlinkHeader,
@@ -219,8 +220,13 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
         gen = make_generator(head.seed, _node_key(context), head.server_round, 7)
         room = _payload_room(reply, key, spec, start, keys, len(
             _header(head, start, encode_seconds=0.0, raw_bytes=0).pack()))
+        warm = context.state.array_records.get(STATE_LOWRANK)
+        lowrank_state = None if spec.lowrank is None else (
+            to_state(warm) if warm is not None else {})
         payload, sent = encode_update(update, spec, generator=gen, return_reconstruction=True,
-                                      max_bytes=room)
+                                      max_bytes=room, lowrank_state=lowrank_state)
+        if lowrank_state:  # PowerSGD's warm start for the next round
+            context.state[STATE_LOWRANK] = ArrayRecord(lowrank_state)
         if ef is not None:
             ef.record(update, sent)
             context.state[STATE_EF] = ArrayRecord(ef.state_dict())

@@ -10,9 +10,10 @@ position coding (:mod:`.positions`), bit packing (:mod:`.bitpack`), zstd, small-
 passthrough; the versioned wire format is in :mod:`.wire`, error feedback in :mod:`.feedback`.
 """
 
+from fedslim.compression.decoder import DecodedUpdate, decode_update
 from fedslim.compression.feedback import ErrorFeedback
 from fedslim.compression.grammar import parse_spec
-from fedslim.compression.pipeline import DecodedUpdate, decode_update, encode_update
+from fedslim.compression.pipeline import encode_update
 from fedslim.compression.spec import (
     CastConfig,
     PassthroughConfig,

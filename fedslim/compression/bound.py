@@ -20,6 +20,7 @@ import numpy as np
 
 from fedslim.compression import entropy
 from fedslim.compression.bitpack import unpack_codes
+from fedslim.compression.positions import PositionCodec
 from fedslim.compression.quantize import ValueCodec, n_scales
 from fedslim.compression.wire import TensorRecord, read_payload
 
@@ -91,7 +92,9 @@ def payload_stats(payload: bytes, max_elements: int = 1 << 31) -> PayloadStats:
         quant = rec.value_codec is ValueCodec.QUANT
         bits = rec.bits if quant else _VALUE_BITS[rec.value_codec]
         scales = n_scales(rec.count, rec.block) if quant else 0
-        fixed = log2_binomial(rec.numel, rec.count) + 32 * scales
+        positions = 0.0 if rec.position_codec is PositionCodec.LOWRANK else log2_binomial(
+            rec.numel, rec.count)
+        fixed = positions + 32 * scales
         bound += fixed + rec.count * bits
         if quant and rec.count:
             h_bytes = entropy.empirical_entropy_bytes(_codes(rec), rec.bits)

@@ -27,6 +27,7 @@ from fedslim.compression.spec import (
     DEFAULT_SAMPLED_TOL,
     CastConfig,
     EntropyConfig,
+    LowRankConfig,
     PassthroughConfig,
     PipelineSpec,
     PositionCoding,
@@ -162,6 +163,12 @@ def _parse_budget(a: _Args) -> TopKConfig:
     return TopKConfig(budget=int(size), scope=Scope.GLOBAL)
 
 
+def _parse_lowrank(a: _Args) -> LowRankConfig:
+    rank = _int(a.stage, "rank", a.first("rank", required=True) or "")
+    a.done()
+    return LowRankConfig(rank)
+
+
 def _parse_q(a: _Args) -> QuantizeConfig:
     bits = _int(a.stage, "bits", a.first("bit width", required=True) or "")
     rounding = _enum(a.stage, "round", Rounding, a.key("round"), Rounding.NEAREST)
@@ -217,18 +224,23 @@ _FIELD = {Slot.SELECT: "topk", Slot.VALUES: "values", Slot.POSITIONS: "positions
           Slot.ENTROPY: "entropy", Slot.LOSSLESS: "zstd", Slot.PASSTHROUGH: "passthrough"}
 STAGES: dict[str, tuple[Slot, StageParser]] = {}
 _EXAMPLES: dict[str, str] = {}
+_FIELD_OF: dict[str, str] = {}  # stages stored in another field than their slot's
 
 
-def register_stage(name: str, slot: Slot, parser: StageParser, example: str) -> None:
+def register_stage(name: str, slot: Slot, parser: StageParser, example: str,
+                   field_name: str | None = None) -> None:
     """Add a stage name to the grammar; registering a name twice is an error."""
     if name in STAGES:
         raise SpecError(f"compression stage {name!r} is already registered")
     STAGES[name] = (slot, parser)
     _EXAMPLES[name] = example
+    if field_name is not None:
+        _FIELD_OF[name] = field_name
 
 
 register_stage("topk", Slot.SELECT, _parse_topk, "topk:0.01")
 register_stage("budget", Slot.SELECT, _parse_budget, "budget:4KB")
+register_stage("lowrank", Slot.SELECT, _parse_lowrank, "lowrank:4", field_name="lowrank")
 register_stage("q", Slot.VALUES, _parse_q, "q:4")
 register_stage("sign", Slot.VALUES, _parse_sign, "sign")
 for _p in Precision:
@@ -289,11 +301,12 @@ def _build(text: str) -> PipelineSpec:
                             f"{slot.name.lower()} stage at most")
         if slot is not Slot.PASSTHROUGH:  # an option more than a stage: allowed anywhere
             if last is not None and slot < last[0]:
-                raise SpecError(f"stage {name!r} must come before {last[1]!r}; order is topk, "
-                                "topk|budget, q|sign|fp16|bf16|fp32, auto|bitmap|golomb, ans, zstd")
+                raise SpecError(f"stage {name!r} must come before {last[1]!r}; order is "
+                                "topk|budget|lowrank, q|sign|fp16|bf16|fp32, "
+                                "auto|bitmap|golomb, ans, zstd")
             last = (slot, name)
         seen[slot] = name
-        change: dict[str, Any] = {_FIELD[slot]: parser(args)}
+        change: dict[str, Any] = {_FIELD_OF.get(name, _FIELD[slot]): parser(args)}
         spec = replace(spec, **change)
     return spec
 

@@ -1,30 +1,31 @@
-"""``encode_update`` / ``decode_update``: a model update through a pipeline to bytes and back.
+"""``encode_update``: a model update through a pipeline to bytes (the decoder is in
+:mod:`fedslim.compression.decoder`).
 
-Per tensor the stages run in a fixed order: passthrough check -> top-k selection -> value
-stage -> position coding -> bit packing or entropy coding (``ans``) -> (zstd). The heavy
+Per tensor the stages run in a fixed order: passthrough check -> selection (top-k, budget)
+or low-rank factors -> value stage -> position coding -> bit packing or entropy coding
+(``ans``) -> (zstd). The heavy
 O(n) work (finiteness check, selection, dense scatter) runs in torch on the tensors' own
 device; only the kept values and their indices travel to the host for the bit-level coding,
 so the same code serves CPU and CUDA. Decoding is deterministic, and
-``return_reconstruction`` goes through the very same ``decode_values`` / scatter path as
-the decoder, which is why the two are bit-identical.
+``return_reconstruction`` goes through the very same ``decode_values`` / scatter / low-rank
+product as the decoder, which is why the two are bit-identical.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import numpy as np
 import torch
 
-from fedslim.compression import buffers, entropy
-from fedslim.compression.bitpack import pack_codes, unpack_codes
+from fedslim.compression import buffers, entropy, lowrank
+from fedslim.compression.bitpack import pack_codes
 from fedslim.compression.grammar import parse_spec
-from fedslim.compression.positions import PositionCodec, decode_positions, encode_positions
+from fedslim.compression.positions import PositionCodec, encode_positions
 from fedslim.compression.quantize import (
-    CAST_CODECS,
     EncodedValues,
     ValueCodec,
     cast_values,
@@ -33,53 +34,25 @@ from fedslim.compression.quantize import (
 )
 from fedslim.compression.sparsify import select_topk
 from fedslim.compression.spec import (
-    CastConfig,
     PipelineSpec,
-    PositionCoding,
-    QuantizeConfig,
     Scope,
-    SelectMode,
     TopKConfig,
 )
 from fedslim.compression.wire import (
-    Packing,
     SourceDtype,
     TensorRecord,
-    read_payload,
     write_payload,
 )
-from fedslim.errors import DecodeError, EncodeError, SpecError
+from fedslim.errors import EncodeError
 
 DEFAULT_MAX_ELEMENTS = 1 << 28
+State = dict[str, torch.Tensor]
 _SOURCE = {torch.float32: SourceDtype.F32, torch.float16: SourceDtype.F16,
            torch.bfloat16: SourceDtype.BF16, torch.float64: SourceDtype.F64}
 SOURCE_DTYPES = {v: k for k, v in _SOURCE.items()}
 _NP_WIRE: dict[ValueCodec, np.dtype[Any]] = {
     ValueCodec.F32: np.dtype("<f4"), ValueCodec.F16: np.dtype("<f2"),
     ValueCodec.BF16: np.dtype("<u2")}
-
-
-@dataclass(frozen=True)
-class DecodedUpdate:
-    """What :func:`decode_update` returns.
-
-    Attributes
-    ----------
-    spec : PipelineSpec
-        The pipeline the sender used (read from the payload).
-    tensors : dict[str, torch.Tensor]
-        float32 tensors in the sender's order and shapes, on the requested device.
-    source_dtypes : dict[str, torch.dtype]
-        The dtype each tensor had before encoding (informational).
-    kept : dict[str, int]
-        How many values of each tensor were sent (its ``numel`` when not sparsified): the
-        sender's allocation, e.g. of a ``budget:``.
-    """
-
-    spec: PipelineSpec
-    tensors: dict[str, torch.Tensor]
-    source_dtypes: dict[str, torch.dtype]
-    kept: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,14 +120,16 @@ def _densify(values: torch.Tensor, idx: torch.Tensor | None, numel: int) -> torc
 def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str, *,
                   generator: torch.Generator | None = ...,
                   return_reconstruction: Literal[False] = ...,
-                  max_bytes: int | None = ...) -> bytes: ...
+                  max_bytes: int | None = ...,
+                  lowrank_state: dict[str, torch.Tensor] | None = ...) -> bytes: ...
 
 
 @overload
 def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str, *,
                   generator: torch.Generator | None = ...,
                   return_reconstruction: Literal[True],
-                  max_bytes: int | None = ...) -> tuple[bytes, dict[str, torch.Tensor]]:
+                  max_bytes: int | None = ...,
+                  lowrank_state: State | None = ...) -> tuple[bytes, State]:
     ...
 
 
@@ -162,14 +137,16 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
 def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str, *,
                   generator: torch.Generator | None = ...,
                   return_reconstruction: bool,
-                  max_bytes: int | None = ...) -> bytes | tuple[bytes, dict[str, torch.Tensor]]:
+                  max_bytes: int | None = ...,
+                  lowrank_state: State | None = ...) -> bytes | tuple[bytes, State]:
     ...
 
 
 def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str, *,
                   generator: torch.Generator | None = None,
                   return_reconstruction: bool = False,
-                  max_bytes: int | None = None
+                  max_bytes: int | None = None,
+                  lowrank_state: dict[str, torch.Tensor] | None = None
                   ) -> bytes | tuple[bytes, dict[str, torch.Tensor]]:
     """Encode a model update (name -> tensor) into one self-describing payload.
 
@@ -188,6 +165,9 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
     max_bytes : int, optional
         With a ``budget:`` spec, the payload size to fit instead of the spec's own budget
         (a caller that sends other bytes with the payload passes what is left for it).
+    lowrank_state : dict, optional
+        With a ``lowrank:`` spec, each factorised tensor's ``Q`` from the last call (its
+        warm start); updated in place. Without it every call starts from a random ``Q``.
 
     Raises
     ------
@@ -210,16 +190,17 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                    if not _is_passthrough(spec, p.flat.numel()))
         payload, recon = encode_within(
             lambda k: encode_prepared(prepared, spec, TopKConfig(count=k, scope=Scope.GLOBAL),
-                                      generator, return_reconstruction),
+                                      generator, return_reconstruction, None),
             limit, pool, spec)
         return (payload, recon) if return_reconstruction else payload
     payload, recon = encode_prepared(prepared, spec, spec.topk, generator,
-                                     return_reconstruction)
+                                     return_reconstruction, lowrank_state)
     return (payload, recon) if return_reconstruction else payload
 
 
 def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec, select: TopKConfig | None,
-                    generator: torch.Generator | None, return_reconstruction: bool
+                    generator: torch.Generator | None, return_reconstruction: bool,
+                    lowrank_state: dict[str, torch.Tensor] | None
                     ) -> tuple[bytes, dict[str, torch.Tensor]]:
     """The payload (and reconstruction, if asked) with selection ``select``."""
     selected: dict[str, torch.Tensor] = {}
@@ -234,12 +215,22 @@ def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec, select: TopKC
         idx = selected.get(p.name)
         if idx is not None and idx.numel() == numel:
             idx = None  # everything kept: no positions to send
+        shape = tuple(p.tensor.shape)
+        rank = _rank_of(spec, shape, numel)
         if _is_passthrough(spec, numel):
             enc = cast_values(p.flat, spec.passthrough.precision, where)
+        elif rank:
+            warm = None if lowrank_state is None else lowrank_state.get(p.name)
+            values, q = lowrank.factorize(p.flat, shape, rank, warm, generator)
+            if lowrank_state is not None:
+                lowrank_state[p.name] = q.detach().cpu()
+            enc = encode_values(values, spec.values, generator, where)
         else:
             values = p.flat if idx is None else p.flat[idx]
             enc = encode_values(values, spec.values, generator, where)
-        if idx is None:
+        if rank:
+            pos_codec, rice, pos_data = PositionCodec.LOWRANK, rank, np.zeros(0, np.uint8)
+        elif idx is None:
             pos_codec, rice, pos_data = PositionCodec.ALL, 0, np.zeros(0, dtype=np.uint8)
         else:
             coded = encode_positions(idx.cpu().numpy(), numel, spec.positions)
@@ -250,153 +241,23 @@ def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec, select: TopKC
             enc.block, pos_codec, rice, enc.count, pos_data, scales, values_bytes,
             entropy=ans))
         if return_reconstruction:
-            sent = _densify(decode_values(enc), idx, numel)
+            sent = (lowrank.reconstruct(decode_values(enc), shape, numel, rank, where) if rank
+                    else _densify(decode_values(enc), idx, numel))
             if sent.numel() and sent.data_ptr() == p.tensor.data_ptr():
                 sent = sent.clone()  # lossless path: never hand back an alias of the input
             recon[p.name] = sent.view(p.tensor.shape)
     return write_payload(str(spec), records, spec.zstd.level if spec.zstd else None), recon
 
 
-def _check_against_spec(spec: PipelineSpec, rec: TensorRecord, where: str) -> None:
-    """A record must be something its payload's own spec could have produced."""
-    values = spec.values
-    if _is_passthrough(spec, rec.numel):
-        ok = (rec.value_codec is CAST_CODECS[spec.passthrough.precision]
-              and rec.position_codec is PositionCodec.ALL)
-        expected = f"passthrough {spec.passthrough.precision.value} with all positions"
-    elif isinstance(values, CastConfig):
-        ok = rec.value_codec is CAST_CODECS[values.precision]
-        expected = f"{values.precision.value} values"
-    else:
-        bits = values.bits if isinstance(values, QuantizeConfig) else 1
-        ok = (rec.value_codec is ValueCodec.QUANT and rec.bits == bits
-              and rec.block == values.block)
-        expected = f"{bits}-bit quantized values with block {values.block}"
-    if ok and rec.position_codec is not PositionCodec.ALL:
-        allowed = {PositionCoding.AUTO: (PositionCodec.BITMAP, PositionCodec.RICE),
-                   PositionCoding.BITMAP: (PositionCodec.BITMAP,),
-                   PositionCoding.GOLOMB: (PositionCodec.RICE,)}[spec.positions]
-        ok = spec.topk is not None and rec.position_codec in allowed
-        expected = f"positions coded as {spec.positions.value}" if spec.topk else "no top-k"
-    if ok and spec.topk is not None and not _is_passthrough(spec, rec.numel):
-        if (spec.topk.scope is Scope.TENSOR and spec.topk.mode is SelectMode.EXACT
-                and not spec.topk.is_budget):
-            ok = rec.count == spec.topk.k_for(rec.numel)
-            expected = f"exactly {spec.topk.k_for(rec.numel)} kept values"
-    if ok and rec.packing is Packing.ZSTD and spec.zstd is None:
-        ok, expected = False, "no zstd packing"
-    if ok and rec.entropy and spec.entropy is None:
-        ok, expected = False, "no entropy-coded values"
-    if not ok:
-        raise DecodeError(f"{where}: record does not match the payload's spec {str(spec)!r}: "
-                          f"expected {expected}")
+def _rank_of(spec: PipelineSpec, shape: tuple[int, ...], numel: int) -> int:
+    """The rank a ``lowrank:`` spec factorises this tensor at; 0 when it goes dense."""
+    if spec.lowrank is None or _is_passthrough(spec, numel):
+        return 0
+    if lowrank.factor_count(shape, numel, spec.lowrank.rank) is None:
+        return 0
+    m, n = lowrank.matrix_shape(shape, numel) or (0, 0)
+    return min(spec.lowrank.rank, m, n)
 
 
-def _values_from_record(rec: TensorRecord, device: torch.device, where: str) -> EncodedValues:
-    if rec.value_codec is ValueCodec.QUANT:
-        codes = (entropy.decode_codes(rec.values, rec.bits, rec.count, f"{where}: values")
-                 if rec.entropy else unpack_codes(rec.values, rec.bits, rec.count,
-                                                  f"{where}: values"))
-        scales = np.frombuffer(rec.scales, dtype="<f4").astype(np.float32)
-        if scales.size and not (np.isfinite(scales).all() and (scales >= 0).all()):
-            raise DecodeError(f"{where}: scales must be finite and >= 0, got min "
-                              f"{scales.min()!r} / max {scales.max()!r}")
-        return EncodedValues(ValueCodec.QUANT, rec.count, torch.from_numpy(codes).to(device),
-                             torch.from_numpy(scales).to(device), rec.bits, rec.block)
-    host = np.frombuffer(rec.values, dtype=_NP_WIRE[rec.value_codec])
-    data = torch.from_numpy(host.astype(host.dtype.newbyteorder("="), copy=True))
-    if rec.value_codec is ValueCodec.BF16:
-        data = data.view(torch.int16).view(torch.bfloat16)
-    return EncodedValues(rec.value_codec, rec.count, data.to(device), torch.zeros(0))
 
-
-def decode_update(payload: bytes | bytearray | memoryview, *,
-                  max_elements: int = DEFAULT_MAX_ELEMENTS,
-                  device: str | torch.device = "cpu",
-                  expected_spec: PipelineSpec | str | None = None,
-                  schema: Mapping[str, tuple[int, ...]] | None = None) -> DecodedUpdate:
-    """Validate and decode a payload made by :func:`encode_update`.
-
-    Parameters
-    ----------
-    payload : bytes-like
-        The full payload, as sent.
-    max_elements : int
-        Upper bound on the total elements of all tensors; checked before any allocation, so
-        a hostile header cannot make the decoder allocate more than ~4 bytes per element.
-        A receiver passes its model's size.
-    device : str or torch.device
-        Where the decoded tensors are materialised.
-    expected_spec : PipelineSpec or str, optional
-        The pipeline the receiver asked for; another one is rejected when the spec string
-        is read, before any record.
-    schema : mapping of name -> shape, optional
-        The receiver's tensors: a record with another name or shape is rejected when its
-        header is read, before its data.
-
-    Raises
-    ------
-    DecodeError
-        For anything malformed: bad magic/version/flags, truncation, checksum, lengths,
-        shapes over the limit, out-of-range or miscounted positions, non-finite scales or
-        values, records that contradict the payload's spec, trailing bytes.
-    """
-    if not isinstance(payload, bytes | bytearray | memoryview):
-        raise DecodeError(f"payload must be bytes-like, got {type(payload).__name__}")
-    try:
-        return _decode(payload, max_elements, device, expected_spec, schema)
-    except DecodeError:
-        raise
-    except (MemoryError, ValueError, TypeError, OverflowError, IndexError, KeyError,
-            RuntimeError) as exc:  # whatever a hostile payload provokes: still typed
-        raise DecodeError(f"malformed payload ({type(exc).__name__}: {exc})") from None
-
-
-def _decode(payload: bytes | bytearray | memoryview, max_elements: int,
-            device: str | torch.device, expected_spec: PipelineSpec | str | None,
-            schema: Mapping[str, tuple[int, ...]] | None) -> DecodedUpdate:
-    if isinstance(payload, memoryview) and not payload.contiguous:
-        payload = payload.tobytes()
-    if max_elements > 1 << 40:
-        raise DecodeError(f"max_elements={max_elements} is beyond any model (2^40 cap)")
-    expected = None if expected_spec is None else str(parse_spec(expected_spec))
-    spec_text, records = read_payload(payload, max_elements, expected, schema)
-    try:
-        spec = parse_spec(spec_text)
-    except SpecError as exc:
-        raise DecodeError(f"payload carries an invalid spec: {exc}") from None
-    if str(spec) != spec_text:
-        raise DecodeError(f"payload spec {spec_text!r} is not canonical ({str(spec)!r})")
-    dev = torch.device(device)
-    tensors: dict[str, torch.Tensor] = {}
-    sources: dict[str, torch.dtype] = {}
-    kept_in_pool, pool_numel = 0, 0
-    for i, rec in enumerate(records):
-        where = f"tensor #{i} {rec.name[:80]!r}"
-        _check_against_spec(spec, rec, where)
-        if not _is_passthrough(spec, rec.numel):
-            kept_in_pool, pool_numel = kept_in_pool + rec.count, pool_numel + rec.numel
-        idx = decode_positions(rec.position_codec, rec.rice_param, rec.positions, rec.count,
-                               rec.numel, where)
-        values = decode_values(_values_from_record(rec, dev, where))
-        if rec.value_codec is not ValueCodec.QUANT and values.numel():
-            lo, hi = torch.aminmax(values)
-            if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-                raise DecodeError(f"{where}: values contain NaN or Inf")
-        index = None if idx is None else torch.from_numpy(idx).to(dev)
-        tensors[rec.name] = _densify(values, index, rec.numel).view(rec.shape)
-        sources[rec.name] = SOURCE_DTYPES[rec.source_dtype]
-    topk = spec.topk
-    if topk is not None and topk.is_budget:
-        limit = topk.budget_for(sum(rec.numel for rec in records))
-        if len(payload) > limit:
-            raise DecodeError(f"payload is {len(payload)} bytes, over its spec's budget "
-                              f"({limit} bytes)")
-    elif topk is not None and topk.scope is Scope.GLOBAL and topk.mode is SelectMode.EXACT:
-        if kept_in_pool != topk.k_for(pool_numel):
-            raise DecodeError(f"global top-k payload keeps {kept_in_pool} values, spec "
-                              f"{str(spec)!r} implies {topk.k_for(pool_numel)}")
-    return DecodedUpdate(spec, tensors, sources, {rec.name: rec.count for rec in records})
-
-
-__all__ = ["DecodedUpdate", "decode_update", "encode_update"]
+__all__ = ["encode_update", "encode_prepared"]

@@ -39,6 +39,7 @@ class PositionCodec(IntEnum):
     ALL = 0  # every element kept: no position data at all
     BITMAP = 1
     RICE = 2
+    LOWRANK = 3  # no positions: the values are rank-R factors (param = R), see lowrank.py
 
 
 @dataclass(frozen=True)

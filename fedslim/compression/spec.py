@@ -190,6 +190,24 @@ class TopKConfig:
 
 
 @dataclass(frozen=True)
+class LowRankConfig:
+    """PowerSGD-style rank-``rank`` factors ``P Q^T`` of each matrix-shaped tensor."""
+
+    rank: int
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.rank <= 63):
+            raise SpecError(f"lowrank rank must be an integer in 1..63, got {self.rank!r}")
+
+    @property
+    def properties(self) -> StageProperties:
+        return StageProperties(False, False, False)  # a random start unless warm-started
+
+    def __str__(self) -> str:
+        return f"lowrank:{self.rank}"
+
+
+@dataclass(frozen=True)
 class QuantizeConfig:
     """Uniform ``bits``-bit quantization of values to ``2**bits`` levels spanning [-s, s].
 
@@ -326,6 +344,7 @@ class PipelineSpec:
     zstd: ZstdConfig | None = None
     passthrough: PassthroughConfig = field(default_factory=PassthroughConfig)
     entropy: EntropyConfig | None = None
+    lowrank: LowRankConfig | None = None
 
     def __post_init__(self) -> None:
         if self.positions is not PositionCoding.AUTO and self.topk is None:
@@ -342,6 +361,8 @@ class PipelineSpec:
         props = self.values.properties
         if self.topk is not None:
             props = props & self.topk.properties
+        if self.lowrank is not None:
+            props = props & self.lowrank.properties
         if self.compresses and self.passthrough.below > 0:
             props = props & CastConfig(self.passthrough.precision).properties
         return props
@@ -349,7 +370,8 @@ class PipelineSpec:
     @property
     def compresses(self) -> bool:
         """True when some tensor would be sparsified or quantized (so passthrough matters)."""
-        return self.topk is not None or not isinstance(self.values, CastConfig)
+        return (self.topk is not None or self.lowrank is not None
+                or not isinstance(self.values, CastConfig))
 
     @property
     def is_identity(self) -> bool:
@@ -410,6 +432,8 @@ class PipelineSpec:
         stages: list[str] = []
         if self.topk is not None:
             stages.append(str(self.topk))
+        if self.lowrank is not None:
+            stages.append(str(self.lowrank))
         if self.values != CastConfig():
             stages.append(str(self.values))
         if self.positions is not PositionCoding.AUTO:

@@ -21,7 +21,8 @@ Layout (all integers little-endian; ``varint`` = unsigned LEB128, minimal, <= 10
                      bits 5-2 bits (1..8 when quantized, else 0),
                      bit 1 entropy-coded values (quantized only; see entropy.py), bit 0 zstd
       varint block (quantized: 0 = one scale per tensor; else 0)
-      u8     position: bits 7-6 codec (0 all, 1 bitmap, 2 golomb-rice), bits 5-0 rice param
+      u8     position: bits 7-6 codec (0 all, 1 bitmap, 2 golomb-rice, 3 low-rank factors),
+                       bits 5-0 rice param (golomb) or rank (low-rank)
       varint count (kept values)
       varint positions_len, varint scales_len, varint values_len (raw section lengths)
       [varint stored_len, when zstd]
@@ -46,6 +47,7 @@ from types import ModuleType
 import numpy as np
 
 from fedslim.compression.bitpack import packed_size
+from fedslim.compression.lowrank import factor_count
 from fedslim.compression.positions import PositionCodec, rice_size_range
 from fedslim.compression.quantize import ValueCodec, n_scales
 from fedslim.errors import DecodeError, EncodeError
@@ -334,7 +336,7 @@ def _read_record(rd: _Reader, budget: int, previous: bytes,
         raise rd.fail(f"cast values must have bits=0 and block=0, got {bits} and {block}")
     if block > 1 << 24:
         raise rd.fail(f"block {block} exceeds {1 << 24}")
-    if pos_codec is not PositionCodec.RICE and rice:
+    if pos_codec not in (PositionCodec.RICE, PositionCodec.LOWRANK) and rice:
         raise rd.fail(f"rice parameter {rice} given for a non-golomb position code")
     if count > numel:
         raise rd.fail(f"count {count} exceeds the {numel} elements of shape {shape}")
@@ -351,7 +353,7 @@ def _read_record(rd: _Reader, budget: int, previous: bytes,
     elif lengths[2] != expected_values:
         raise rd.fail(f"values section is {lengths[2]} bytes, expected {expected_values} "
                       f"for {count} values")
-    _check_positions_length(rd, pos_codec, rice, count, numel, lengths[0])
+    _check_positions_length(rd, pos_codec, rice, count, numel, lengths[0], shape)
     raw_len = sum(lengths)
     if packing is Packing.ZSTD:
         stored = rd.take(rd.varint("zstd length"), "zstd frame")
@@ -367,8 +369,14 @@ def _read_record(rd: _Reader, budget: int, previous: bytes,
 
 
 def _check_positions_length(rd: _Reader, codec: IntEnum, rice: int, count: int, numel: int,
-                            length: int) -> None:
-    if codec is PositionCodec.ALL:
+                            length: int, shape: tuple[int, ...]) -> None:
+    if codec is PositionCodec.LOWRANK:
+        factors = factor_count(shape, numel, rice) if rice else None
+        ok = length == 0 and factors is not None and count == factors
+        expected = (f"no positions and {factors} factor values (rank {rice}, shape {shape})"
+                    if factors is not None else f"low-rank factors of a matrix-shaped tensor "
+                    f"smaller than it (rank {rice}, shape {shape})")
+    elif codec is PositionCodec.ALL:
         ok, expected = length == 0 and count == numel, "0 bytes and count == numel"
     elif codec is PositionCodec.BITMAP:
         ok, expected = length == packed_size(numel, 1), f"{packed_size(numel, 1)} bytes"

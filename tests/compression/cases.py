@@ -28,6 +28,8 @@ STAGE_SPECS = [
     "topk:0.05|golomb|pass:0",
     "topk:0.5|zstd|pass:0",
     "q:4|ans|pass:0",
+    "lowrank:2|pass:0",
+    "lowrank:3|q:8,block=32|ans|pass:0",
     "q:8,block=16|ans|pass:0",
     "topk:0.1,mode=sampled,tol=0.2|pass:0",
     "pass:64,dtype=fp16|zstd",

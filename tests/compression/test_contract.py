@@ -27,6 +27,7 @@ from fedslim.compression import (
     encode_update,
     parse_spec,
 )
+from fedslim.compression.lowrank import factor_count
 from fedslim.errors import EncodeError
 from tests.compression.cases import (
     ALL_SPECS,
@@ -117,6 +118,13 @@ def test_declared_value_properties(text: str, update: dict[str, torch.Tensor]) -
         if is_passthrough(spec, tensor):
             p = spec.passthrough.precision
             assert np.all(np.abs(y - x) <= _REL_ERROR[p] * np.abs(x) + _ABS_ERROR[p])
+            continue
+        if spec.lowrank is not None and factor_count(tuple(tensor.shape), x.size,
+                                                     spec.lowrank.rank) is not None:
+            # rank-r factors: P P^T M is a projection of M, so never further from it than 0
+            if isinstance(spec.values, CastConfig) and spec.values.precision is Precision.FP32:
+                assert np.linalg.norm(y - x) <= np.linalg.norm(x) * (1 + 1e-3) + 1e-30
+            assert np.all(np.isfinite(y))
             continue
         exact_selection = spec.topk is None or spec.topk.mode is SelectMode.EXACT
         if not exact_selection:

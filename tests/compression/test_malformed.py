@@ -24,6 +24,7 @@ from fedslim.compression.wire import HEADER, TensorRecord, read_payload, write_p
 from fedslim.errors import DecodeError
 
 SPECS = ["none", "q:8", "topk:0.1|q:4|pass:0", "q:4|ans|pass:0", "topk:0.5|q:3|ans|pass:0",
+         "lowrank:2|q:4|pass:0",
          "topk:0.3|q:3,block=4|bitmap|pass:0",
          "topk:0.2|sign|golomb|pass:8", "topk:0.5|fp16|zstd|pass:0",
          "topk:0.2,scope=global,mode=sampled|bf16|pass:0"]
@@ -170,7 +171,8 @@ CASES = {
     "invalid spec": write_payload("q:99", [_record()], None),
     "does not match the payload's spec": rebuild(VALID, "topk:k=3|q:5|golomb|pass:0"),
     "exactly 2 kept values": write_payload("topk:k=2|pass:0", [_record()], None),
-    "unknown position codec 3": write_payload("none", [_record(position_codec=3)], None),
+    "low-rank factors of a matrix-shaped tensor": write_payload(
+        "none", [_record(position_codec=3)], None),
     "entropy-coded values section": write_payload("none", [_record(entropy=True)], None),
     "shares 3 bytes with a previous name of 0": with_crc(b"\x04none\x01\x03\x01w"),
     "not valid UTF-8": with_crc(b"\x04none\x01\x00\x02\xff\xfe"),
