@@ -2,6 +2,7 @@
 
     fedslim simulate --num-clients 10 --rounds 20 --partitioning dirichlet --dirichlet-alpha 0.5
     fedslim config --format markdown
+    fedslim tune --trials 20 -c model=digits_tiny
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fedslim.config import (
 )
 from fedslim.console import FRAMEWORK_LOG, framework_logs
 from fedslim.deploy.processes import TAG_ENV, tagged_processes
-from fedslim.errors import FedslimError
+from fedslim.errors import ConfigError, FedslimError
 from fedslim.preflight import check_data_dir, check_federation_size, check_output_dir
 from fedslim.protocol import RESULTS_FILE
 from fedslim.report import ResultsError, load_results
@@ -253,6 +254,88 @@ def config_cmd(
         typer.secho(f"error: --format must be toml, markdown or json, not {fmt!r}",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
+
+
+_TUNED_KEYS = ("uplink", "server-opt", "server-momentum", "seed")
+
+
+@cli.command()
+def tune(
+    trials: Annotated[int, typer.Option(help="Federations to run in the search.")] = 20,
+    num_clients: Annotated[int, typer.Option(help="Simulated SuperNodes per run.")] = 10,
+    rounds: Annotated[int, typer.Option(help="num-server-rounds of each run")] = 20,
+    seed: Annotated[int, typer.Option(help="seed of every run and of the sampler")] = 42,
+    min_ratio: Annotated[float, typer.Option(
+        help="choose among settings with at least this uplink reduction")] = 50.0,
+    output_dir: Annotated[str, typer.Option(help="where tune.json, trials.csv, pareto.png go")
+                          ] = "outputs/tune",
+    run_config: Annotated[list[str] | None, typer.Option(
+        "--run-config", "-c", help="key=value for every run: model, dataset, partitioning...")
+    ] = None,
+) -> None:
+    """Search the uplink compression and server momentum on the validation split (optuna):
+    prints the Pareto front (uplink reduction vs val accuracy), then the chosen setting's
+    test figures next to an uncompressed run."""
+    import_path_for_workers()
+    try:
+        extra = list(run_config or [])
+        overrides = parse_cli_overrides(extra)
+        clash = sorted(set(overrides) & set(_TUNED_KEYS))
+        if clash:
+            raise ConfigError(f"-c {clash[0]}=... is what tune searches (or --seed sets); "
+                              f"leave out {', '.join(clash)}")
+        for flag, value, low in (("--trials", trials, 1), ("--rounds", rounds, 1),
+                                 ("--min-ratio", min_ratio, 1)):
+            if value < low:
+                raise ConfigError(f"{flag} must be >= {low}, got {value}")
+        cfg, _, _ = prepare_simulation({**overrides, "output-dir": output_dir,
+                                        "num-server-rounds": rounds}, num_clients)
+    except FedslimError as exc:
+        _error(str(exc), 2)
+    from fedslim import tune as search
+    from fedslim.task.data import load_splits
+    from fedslim.task.models import build_model, count_params
+
+    splits = load_splits(cfg.data, cfg.fed.seed)
+    model_bytes = 4 * count_params(build_model(cfg.train.model, splits.input_shape,
+                                               splits.num_classes))
+    top = search.max_ratio(model_bytes)
+    typer.echo(f"tune: {trials} trials of budget:x{search.MIN_RATIO:g}..x{top:,.0f} "
+               f"(model {model_bytes / 1e6:.3f} MB), q:2/4/8, ans, pass:0 or not, server "
+               f"momentum 0..{search.MOMENTUM_RANGE[1]}; scored on validation")
+    def line(result: search.TrialResult | None, failure: str | None) -> None:
+        if result is None:
+            typer.echo(failure)
+            return
+        typer.echo(f"trial {result.number:>3}: {result.uplink:<28} momentum "
+                   f"{result.server_momentum:.2f} -> uplink x{result.uplink_ratio:,.1f}, "
+                   f"val {result.val_accuracy:.4f}")
+
+    results = search.run_search(trials, num_clients, rounds, seed, extra, top, line)
+    front = search.pareto_front(results)
+    for r in front:
+        r.pareto = True
+    chosen = search.choose(front, min_ratio)
+    if chosen is not None:
+        chosen.chosen = True
+    base = search.baseline(num_clients, rounds, seed, extra)
+    typer.echo("Pareto front (validation): uplink reduction, val accuracy, setting")
+    for r in front:
+        typer.echo(f"  x{r.uplink_ratio:>9,.1f}  {r.val_accuracy:.4f}  {r.uplink} "
+                   f"momentum {r.server_momentum:.2f}" + ("   <- chosen" if r.chosen else ""))
+    meta = {"trials": trials, "num_clients": num_clients, "rounds": rounds, "seed": seed,
+            "min_ratio": min_ratio, "run_config": extra, "max_budget_ratio": top,
+            "model_bytes": model_bytes}
+    written = search.save(Path(output_dir), results, base, chosen, meta)
+    if chosen is None:
+        typer.echo(f"no trial reached x{min_ratio:g} uplink reduction; lower --min-ratio "
+                   f"or run more --trials")
+    else:
+        typer.echo(f"chosen on val: uplink={chosen.uplink} server-momentum="
+                   f"{chosen.server_momentum:.2f} -> uplink x{chosen.uplink_ratio:,.1f}, test "
+                   f"{chosen.test_accuracy:.4f} vs {base.test_accuracy:.4f} uncompressed "
+                   f"({100 * (chosen.test_accuracy - base.test_accuracy):+.2f} pp)")
+    typer.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
 def main() -> None:

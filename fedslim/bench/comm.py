@@ -72,6 +72,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # other model sizes (-c model=...): the same recipe at other budgets
     **{f"budget x{r} + q4 + ans, momentum": {"uplink": f"budget:x{r}|q:4|ans", **_MOMENTUM,
                                              **_ONE_WAY} for r in (20, 30, 50, 100, 500)},
+    # PowerSGD factors instead of top-k (on the same frontier)
+    **{f"lowrank {r} + q8 + ans, momentum": {"uplink": f"lowrank:{r}|q:8|ans", **_MOMENTUM,
+                                             **_ONE_WAY} for r in (1, 4)},
 }
 
 
