@@ -202,7 +202,7 @@ class FederationConfig:
         check_registered("strategy", self.strategy, STRATEGIES, "strategy")
 
 
-AUTO_DOWNLINK = "topk:0.05|q:4"
+AUTO_DOWNLINK = "topk:0.05|q:4|ans"  # ans: the same values in fewer bytes (lossless)
 AUTO_DOWNLINK_SPEC = parse_spec(AUTO_DOWNLINK)
 
 
@@ -212,13 +212,14 @@ class CompressionConfig:
 
     uplink: PipelineSpec = field(default=PipelineSpec(), metadata=key(
         "uplink", "Client-to-server pipeline spec (`none` = plain float32 arrays, exactly "
-        "as stock Flower; e.g. `topk:0.01|q:4`). See docs/compression.md."))
+        "as stock Flower; e.g. `topk:0.01|q:4`, `budget:x250|q:4|ans|pass:0` for whole "
+        "replies 250x smaller, `lowrank:4|q:8`). See docs/compression.md."))
     downlink: PipelineSpec | None = field(default=None, metadata=key(
         "downlink", "Server-to-client pipeline for the global model's steps: `auto` "
-        "(`none` when `uplink` is `none`, else `" + AUTO_DOWNLINK + "`, the setting "
-        "bench.comm selected on validation data), `none` (the full float32 model every "
-        "round), or a spec. The server decodes its own payload, so clients and server hold "
-        "bit-identical weights with any pipeline."))
+        "(`none` when `uplink` is `none`, else `" + AUTO_DOWNLINK + "`: the setting "
+        "bench.comm selected on validation data, entropy-coded), `none` (the full float32 "
+        "model every round), or a spec. The server decodes its own payload, so clients "
+        "and server hold bit-identical weights with any pipeline."))
     bind_replies: bool = field(default=True, metadata=key(
         "bind-replies", "Every reply must carry the header binding it to the round and "
         "version it answers (replay protection, CRC of the node's copy), also with uplink "

@@ -43,6 +43,7 @@ _ONE_WAY = {"downlink": "none"}
 # first release's table); the second compresses both directions (downlink = the server's
 # step through its own codec and error feedback; `downlink=auto`, the default, is the one
 # the total selection picks).
+BASELINE = "none (FedAvg)"
 SETTINGS: dict[str, dict[str, Any]] = {
     "none (FedAvg)": {"uplink": "none"},
     "q:8": {"uplink": "q:8", **_ONE_WAY},
@@ -72,6 +73,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # other model sizes (-c model=...): the same recipe at other budgets
     **{f"budget x{r} + q4 + ans, momentum": {"uplink": f"budget:x{r}|q:4|ans", **_MOMENTUM,
                                              **_ONE_WAY} for r in (20, 30, 50, 100, 500)},
+    **{f"budget x{r} + q4 + ans, pass:0, momentum": {
+        "uplink": f"budget:x{r}|q:4|ans|pass:0", **_MOMENTUM, **_ONE_WAY}
+       for r in (10, 15, 20, 50, 100, 500)},
+    # both directions with the issue-15 uplink and entropy-coded downlink steps
+    "both ways: budget x250 + q4 + ans, pass:0; down topk 5% + q4 + ans": {
+        "uplink": "budget:x250|q:4|ans|pass:0", **_MOMENTUM, "downlink": "topk:0.05|q:4|ans"},
+    "both ways: budget x150 + q4 + ans, pass:0; down topk 5% + q4 + ans": {
+        "uplink": "budget:x150|q:4|ans|pass:0", **_MOMENTUM, "downlink": "topk:0.05|q:4|ans"},
     # PowerSGD factors instead of top-k (on the same frontier)
     **{f"lowrank {r} + q8 + ans, momentum": {"uplink": f"lowrank:{r}|q:8|ans", **_MOMENTUM,
                                              **_ONE_WAY} for r in (1, 4)},
@@ -237,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         print(f"error: unknown setting(s) {unknown}; known: {list(SETTINGS)}", file=sys.stderr)
         raise SystemExit(2)
+    if BASELINE not in names:  # every ratio and pp difference is against it, seed by seed
+        names.insert(0, BASELINE)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         rows = json.loads(args.from_json.read_text())["rows"]

@@ -40,6 +40,8 @@ def frontier(summary: list[dict[str, Any]], path: Path, ratio_key: str, xlabel: 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 6.5))
     for i, s in enumerate(summary):
+        if ratio_key not in s:  # no baseline run for this setting's seeds
+            continue
         chosen = s.get(selected_key, False)
         ax.errorbar(s[ratio_key], 100 * s["test"], yerr=100 * s["test_sd"], fmt="none",
                     ecolor="0.7", zorder=2)
