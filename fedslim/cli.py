@@ -28,7 +28,12 @@ from fedslim.config import (
 from fedslim.console import FRAMEWORK_LOG, framework_logs
 from fedslim.deploy.processes import TAG_ENV, tagged_processes
 from fedslim.errors import ConfigError, FedslimError
-from fedslim.preflight import check_data_dir, check_federation_size, check_output_dir
+from fedslim.preflight import (
+    check_budget,
+    check_data_dir,
+    check_federation_size,
+    check_output_dir,
+)
 from fedslim.protocol import RESULTS_FILE
 from fedslim.report import ResultsError, load_results
 
@@ -57,6 +62,7 @@ def prepare_simulation(overrides: dict[str, Any], num_clients: int
     cfg = parse_run_config(overrides=overrides)
     check_federation_size(cfg, num_clients)
     check_data_dir(cfg)
+    check_budget(cfg)
     outdir, notice = check_output_dir(cfg)
     return cfg, outdir, notice
 

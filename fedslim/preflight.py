@@ -58,3 +58,27 @@ def check_data_dir(cfg: RunConfig) -> None:
     if cfg.data.data_dir and not Path(cfg.data.data_dir).expanduser().is_dir():
         raise ConfigError(f"run-config key 'data-dir': {cfg.data.data_dir!r} is not a "
                           "directory")
+
+
+MIN_REPLY_BYTES = 1200
+"""A train reply cannot be smaller: Flower's envelope and the app's metrics take ~0.9 kB."""
+
+
+def check_budget(cfg: RunConfig) -> None:
+    """Refuse an uplink byte budget no reply can fit (every reply would be rejected)."""
+    topk = cfg.comp.uplink.topk
+    if topk is None or not topk.is_budget:
+        return
+    from fedslim.task.data import load_splits
+    from fedslim.task.models import build_model, count_params
+
+    splits = load_splits(cfg.data, cfg.fed.seed)
+    numel = count_params(build_model(cfg.train.model, splits.input_shape, splits.num_classes))
+    budget = topk.budget_for(numel)
+    if budget < MIN_REPLY_BYTES:
+        most = max(1, (4 * numel) // MIN_REPLY_BYTES)
+        raise ConfigError(
+            f"run-config key 'uplink': {str(cfg.comp.uplink)!r} allows {budget} bytes per "
+            f"reply for model={cfg.train.model!r} ({4 * numel} bytes of float32), below the "
+            f"~{MIN_REPLY_BYTES} bytes Flower's envelope and metrics need; use budget:"
+            f"{MIN_REPLY_BYTES} or more (for this model at most budget:x{most})")

@@ -38,7 +38,12 @@ from rich.console import Console
 from fedslim.config import RunConfig, parse_run_config
 from fedslim.deploy.processes import DeployError, ProcessSet, free_ports, tail
 from fedslim.deploy.progress import _progress, _read_results, _round_line, _run_id, _signature
-from fedslim.preflight import check_data_dir, check_federation_size, check_output_dir
+from fedslim.preflight import (
+    check_budget,
+    check_data_dir,
+    check_federation_size,
+    check_output_dir,
+)
 from fedslim.protocol import RESULTS_FILE
 
 __all__ = ["CONNECTION", "DeployError", "LocalDeployment", "default_app_dir",
@@ -363,6 +368,7 @@ def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
     cfg, send = resolve_run_config(run_config)
     check_federation_size(cfg, num_clients)
     check_data_dir(cfg)
+    check_budget(cfg)
     check_output_dir(cfg)
     results = Path(str(send["output-dir"])) / RESULTS_FILE
     deadline = time.monotonic() + timeout
