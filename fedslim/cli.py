@@ -329,7 +329,7 @@ def tune(
     for r in front:
         typer.echo(f"  x{r.uplink_ratio:>9,.1f}  {r.val_accuracy:.4f}  {r.uplink} "
                    f"momentum {r.server_momentum:.2f}" + ("   <- chosen" if r.chosen else ""))
-    meta = {"trials": trials, "num_clients": num_clients, "rounds": rounds, "seed": seed,
+    meta = {"n_trials": trials, "num_clients": num_clients, "rounds": rounds, "seed": seed,
             "min_ratio": min_ratio, "run_config": extra, "max_budget_ratio": top,
             "model_bytes": model_bytes}
     written = search.save(Path(output_dir), results, base, chosen, meta)

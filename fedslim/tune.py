@@ -151,7 +151,7 @@ def _plot(path: Path, results: list[TrialResult], base: TrialResult | None,
     fig, ax = plt.subplots(figsize=(8, 6))
     ax.scatter([r.uplink_ratio for r in results], [100 * r.val_accuracy for r in results],
                c="0.6", s=30, label="trial")
-    front = [r for r in results if r.pareto]
+    front = sorted((r for r in results if r.pareto), key=lambda r: r.uplink_ratio)
     ax.plot([r.uplink_ratio for r in front], [100 * r.val_accuracy for r in front], "o-",
             c="C0", label="Pareto front (val)")
     for r in results:
@@ -167,7 +167,7 @@ def _plot(path: Path, results: list[TrialResult], base: TrialResult | None,
     ax.set_xscale("log")
     ax.set_xlabel("uplink reduction (x, bytes as Flower serialized them)")
     ax.set_ylabel("final central validation accuracy (%)")
-    ax.set_title(f"fedslim tune: {meta.get('trials')} trials, seed {meta.get('seed')}, "
+    ax.set_title(f"fedslim tune: {meta.get('n_trials')} trials, seed {meta.get('seed')}, "
                  f"{meta.get('num_clients')} clients, {meta.get('rounds')} rounds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
