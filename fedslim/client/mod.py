@@ -40,7 +40,7 @@ from fedslim.errors import DecodeError, EncodeError
 from fedslim.flower_io import (
     apply_delta,
     chain_from_record,
-    message_bytes,
+    content_bytes,
     payload_record,
     state_crc,
     state_record,
@@ -242,6 +242,10 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
 
 
 ENVELOPE_MARGIN = 24  # bytes: length fields in the envelope grow with the payload's size
+MESSAGE_BOUND = 144  # bytes: the Message object itself (metadata, ids) at its largest
+# (measured 109; run and node ids are up to 10-byte varints, the group id up to 10 digits).
+# A bound, not the live size: node ids are random, and the room -- hence k -- must not
+# depend on them, or the same seed would train a different model in another run.
 
 
 def _payload_room(reply: Message, key: str, spec: PipelineSpec, start: State,
@@ -256,7 +260,7 @@ def _payload_room(reply: Message, key: str, spec: PipelineSpec, start: State,
     del reply.content[key]
     reply.content[PAYLOAD] = payload_record(bytes(header_size))
     try:
-        envelope = message_bytes(reply)
+        envelope = content_bytes(reply.content) + MESSAGE_BOUND
     finally:
         del reply.content[PAYLOAD]
         reply.content[key] = weights
