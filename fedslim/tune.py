@@ -145,7 +145,7 @@ def save(out: Path, results: list[TrialResult], base: TrialResult | None,
 
 def _plot(path: Path, results: list[TrialResult], base: TrialResult | None,
           meta: dict[str, Any]) -> None:
-    from fedslim.bench.plots import _pyplot
+    from fedslim.bench.plots import _finish, _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 6))
@@ -164,17 +164,10 @@ def _plot(path: Path, results: list[TrialResult], base: TrialResult | None,
     if base is not None:
         ax.axhline(100 * base.val_accuracy, ls="--", c="0.3", lw=1,
                    label=f"uplink=none: val {100 * base.val_accuracy:.2f}%")
-    ax.set_xscale("log")
-    ax.set_xlabel("uplink reduction (x, bytes as Flower serialized them)")
-    ax.set_ylabel("final central validation accuracy (%)")
-    ax.set_title(f"fedslim tune: {meta.get('n_trials')} trials, seed {meta.get('seed')}, "
-                 f"{meta.get('num_clients')} clients, {meta.get('rounds')} rounds", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
-              frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "uplink reduction (x, bytes as Flower serialized them)",
+            "final central validation accuracy (%)",
+            f"fedslim tune: {meta.get('n_trials')} trials, seed {meta.get('seed')}, "
+            f"{meta.get('num_clients')} clients, {meta.get('rounds')} rounds")
 
 
 __all__ = ["TrialResult", "baseline", "choose", "pareto_front", "run_search", "save",
