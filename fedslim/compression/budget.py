@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from fedslim.compression.spec import PipelineSpec, QuantizeConfig
+from fedslim.compression.spec import PipelineSpec, QuantizeConfig, SignConfig
 from fedslim.errors import EncodeError
 
 Encoded = tuple[bytes, dict[str, torch.Tensor]]
@@ -27,7 +27,7 @@ def _value_bits(spec: PipelineSpec) -> float:
     values = spec.values
     if isinstance(values, QuantizeConfig):
         return float(values.bits)
-    return 1.0 if type(values).__name__ == "SignConfig" else 16.0
+    return 1.0 if isinstance(values, SignConfig) else 16.0
 
 
 def encode_within(encode: Callable[[int], Encoded], limit: int, pool: int,
