@@ -116,23 +116,28 @@ def _interrupted(tag: str, outdir: Path) -> NoReturn:
     for replies, so the process ends with ``os._exit``; nothing is lost: results.json and
     the checkpoint are rewritten atomically after every round.
     """
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # (a flush racing a writer must not stop us)
+        with contextlib.suppress(Exception):
+            stream.flush()
     err = os.dup(2)  # threads of Ray and Flower complain as their peers die: not to the user
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    left = tagged_processes(tag)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 3
-        while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = tagged_processes(tag)
+    problem = ""
+    try:
+        left = tagged_processes(tag)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 3
+            while left and time.monotonic() < deadline:
+                time.sleep(0.1)
+                left = tagged_processes(tag)
+    except BaseException as exc:  # whatever happens here, the process still ends with 130
+        problem = f" (while stopping: {type(exc).__name__}: {exc})"
     os.write(err, f"interrupted: the simulation was stopped; completed rounds are in "
-                  f"{outdir / RESULTS_FILE} (continue with -c resume=true)\n".encode())
+                  f"{outdir / RESULTS_FILE} (continue with -c resume=true){problem}\n".encode())
     os._exit(130)
 
 
