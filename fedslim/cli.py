@@ -303,6 +303,10 @@ def tune(
                                         "num-server-rounds": rounds}, num_clients)
     except FedslimError as exc:
         _error(str(exc), 2)
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        _error("fedslim tune needs optuna: pip install 'fedslim[tune]' (or -e \".[dev]\")", 2)
     from fedslim import tune as search
     from fedslim.task.data import load_splits
     from fedslim.task.models import build_model, count_params
