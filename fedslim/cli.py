@@ -327,29 +327,14 @@ def tune(
                    f"val {result.val_accuracy:.4f}")
 
     results = search.run_search(trials, num_clients, rounds, seed, extra, top, line)
-    front = search.pareto_front(results)
-    for r in front:
-        r.pareto = True
-    chosen = search.choose(front, min_ratio)
-    if chosen is not None:
-        chosen.chosen = True
+    front, chosen = search.conclude(results, min_ratio)
     base = search.baseline(num_clients, rounds, seed, extra)
-    typer.echo("Pareto front (validation): uplink reduction, val accuracy, setting")
-    for r in front:
-        typer.echo(f"  x{r.uplink_ratio:>9,.1f}  {r.val_accuracy:.4f}  {r.uplink} "
-                   f"momentum {r.server_momentum:.2f}" + ("   <- chosen" if r.chosen else ""))
+    for text in search.summary_lines(front, chosen, base, min_ratio):
+        typer.echo(text)
     meta = {"n_trials": trials, "num_clients": num_clients, "rounds": rounds, "seed": seed,
             "min_ratio": min_ratio, "run_config": extra, "max_budget_ratio": top,
             "model_bytes": model_bytes}
     written = search.save(Path(output_dir), results, base, chosen, meta)
-    if chosen is None:
-        typer.echo(f"no trial reached x{min_ratio:g} uplink reduction; lower --min-ratio "
-                   f"or run more --trials")
-    else:
-        typer.echo(f"chosen on val: uplink={chosen.uplink} server-momentum="
-                   f"{chosen.server_momentum:.2f} -> uplink x{chosen.uplink_ratio:,.1f}, test "
-                   f"{chosen.test_accuracy:.4f} vs {base.test_accuracy:.4f} uncompressed "
-                   f"({100 * (chosen.test_accuracy - base.test_accuracy):+.2f} pp)")
     typer.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 

@@ -120,6 +120,35 @@ def run_search(trials: int, num_clients: int, rounds: int, seed: int, extra: lis
     return results
 
 
+def conclude(results: list[TrialResult], min_ratio: float) -> tuple[list[TrialResult],
+                                                                    TrialResult | None]:
+    """Mark the Pareto front and the choice on ``results``; return (front, chosen)."""
+    front = pareto_front(results)
+    for r in front:
+        r.pareto = True
+    chosen = choose(front, min_ratio)
+    if chosen is not None:
+        chosen.chosen = True
+    return front, chosen
+
+
+def summary_lines(front: list[TrialResult], chosen: TrialResult | None, base: TrialResult,
+                  min_ratio: float) -> list[str]:
+    """What ``fedslim tune`` prints after the search: the front, then the choice."""
+    lines = ["Pareto front (validation): uplink reduction, val accuracy, setting"]
+    lines += [f"  x{r.uplink_ratio:>9,.1f}  {r.val_accuracy:.4f}  {r.uplink} momentum "
+              f"{r.server_momentum:.2f}" + ("   <- chosen" if r.chosen else "") for r in front]
+    if chosen is None:
+        lines.append(f"no trial reached x{min_ratio:g} uplink reduction; lower --min-ratio "
+                     "or run more --trials")
+    else:
+        lines.append(f"chosen on val: uplink={chosen.uplink} server-momentum="
+                     f"{chosen.server_momentum:.2f} -> uplink x{chosen.uplink_ratio:,.1f}, test "
+                     f"{chosen.test_accuracy:.4f} vs {base.test_accuracy:.4f} uncompressed "
+                     f"({100 * (chosen.test_accuracy - base.test_accuracy):+.2f} pp)")
+    return lines
+
+
 def baseline(num_clients: int, rounds: int, seed: int, extra: list[str]) -> TrialResult:
     """One uncompressed run (``uplink=none``) of the same seed and settings."""
     res, _ = simulate_subprocess({"uplink": "none", "seed": seed}, num_clients, rounds, extra)

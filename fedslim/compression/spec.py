@@ -1,11 +1,13 @@
 """Typed configuration of a compression pipeline and its canonical spec string.
 
-A pipeline is a fixed sequence of optional *slots* -- selection (top-k), value coding
-(quantize / sign / cast), position coding, lossless packing (zstd) and the small-tensor
-passthrough -- each filled by one frozen config dataclass. Keeping the slots fixed (rather than
-an arbitrary list of stages) makes every spec mean exactly one thing on the wire, gives each
-spec exactly one canonical string, and lets the decoder check a payload against the spec it
-claims. The grammar that reads these strings lives in :mod:`fedslim.compression.grammar`.
+A pipeline is a fixed sequence of optional *slots* -- selection (top-k, a byte budget, or
+low-rank factors), value coding (quantize / sign / cast), position coding, entropy coding
+(ans), lossless packing (zstd) and the small-tensor passthrough -- each filled by one frozen
+config dataclass (their option enums live in :mod:`fedslim.compression.spec_base`).
+Keeping the slots fixed (rather than an arbitrary list of stages) makes every spec mean
+exactly one thing on the wire, gives each spec exactly one canonical string, and lets the
+decoder check a payload against the spec it claims. The grammar that reads these strings
+lives in :mod:`fedslim.compression.grammar`.
 
 Each config declares its :class:`StageProperties`; :class:`PipelineSpec` combines them, so the
 shared test suite can check exactly what each pipeline promises (lossless, unbiased, ...).
@@ -15,90 +17,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from enum import Enum
 
+from fedslim.compression.spec_base import (
+    EXACT,
+    PositionCoding,
+    Precision,
+    Rounding,
+    ScaleStat,
+    Scope,
+    SelectMode,
+    StageProperties,
+    _fmt_float,
+)
 from fedslim.errors import SpecError
 
 DEFAULT_PASSTHROUGH = 256
 """Tensors with fewer elements than this skip top-k and quantization (biases, norms)."""
 DEFAULT_SAMPLED_TOL = 0.1
 DEFAULT_ZSTD_LEVEL = 3
-
-
-class SelectMode(Enum):
-    """How top-k finds its threshold."""
-
-    EXACT = "exact"  # exactly k kept; ties broken by lowest index
-    SAMPLED = "sampled"  # DGC: threshold from a random sample; count within +-tol of k
-
-
-class Scope(Enum):
-    """Whether k is per tensor or shared by all (non-passthrough) tensors."""
-
-    TENSOR = "tensor"
-    GLOBAL = "global"
-
-
-class Rounding(Enum):
-    NEAREST = "nearest"  # deterministic; |error| <= half a quantization step
-    STOCHASTIC = "stochastic"  # unbiased: E[decoded] == input
-
-
-class ScaleStat(Enum):
-    """Which statistic of a block sets the quantization range [-s, s]."""
-
-    MAX = "max"  # s = max |v| (absmax, as NVFlare blockwise8)
-    NORM = "norm"  # s = ||v||_2 (QSGD)
-
-
-class Precision(Enum):
-    """Plain floating-point formats used for casts and passthrough tensors."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-
-
-class PositionCoding(Enum):
-    """How the indices of kept values are written."""
-
-    AUTO = "auto"  # per tensor, the cheaper of bitmap and golomb
-    BITMAP = "bitmap"  # one bit per element
-    GOLOMB = "golomb"  # Golomb-Rice code of the gaps between indices
-
-
-@dataclass(frozen=True)
-class StageProperties:
-    """What a stage promises; a pipeline promises what all of its stages promise.
-
-    Attributes
-    ----------
-    lossless : bool
-        Decoding gives back the float32 input bit for bit.
-    unbiased : bool
-        Over the encoder's randomness, the expected decoded value equals the input.
-    deterministic : bool
-        Encoding the same input twice gives the same bytes (no randomness used).
-    """
-
-    lossless: bool
-    unbiased: bool
-    deterministic: bool
-
-    def __and__(self, other: StageProperties) -> StageProperties:
-        return StageProperties(
-            lossless=self.lossless and other.lossless,
-            unbiased=self.unbiased and other.unbiased,
-            deterministic=self.deterministic and other.deterministic,
-        )
-
-
-EXACT = StageProperties(lossless=True, unbiased=True, deterministic=True)
-
-
-def _fmt_float(x: float) -> str:
-    # repr is the shortest string that round-trips, so printing then parsing is the identity.
-    return repr(float(x))
 
 
 def _fmt_ratio(x: float) -> str:
