@@ -42,3 +42,21 @@ def test_a_budget_smaller_than_the_envelope_is_a_client_error(tmp_path) -> None:
     assert res.final is not None and res.final.error is not None
     reasons = [r.reason for r in res.rounds[0].rejects]
     assert reasons and all("raise the budget" in r for r in reasons)
+
+
+def test_a_stock_quickstart_app_with_the_mod_fits_the_budget_too(tmp_path) -> None:
+    """The mod counts whatever the app puts in its reply (its own metrics names, here)."""
+    from fedslim.client import compression_mod
+    from tests.apps import make_quickstart_app
+
+    cfg = parse_run_config({"plugins": "tests.plugins.blobs", "model": "blobs_net",
+                            "dataset": "blobs", "progress": False, "num-server-rounds": 2,
+                            "min-train-nodes": 2, "output-dir": str(tmp_path),
+                            "client.lr": "0.1", "shared-init": False,
+                            "uplink": "budget:1500|q:4|ans|pass:0"})
+    grid = LoopbackGrid(make_quickstart_app([compression_mod]), 3)
+    res = run_server(grid, cfg)
+    train_up = [n for m, n in zip(grid.received, grid.bytes_up, strict=True)
+                if m.metadata.message_type == "train"]
+    assert len(train_up) == 6 and max(train_up) <= 1500
+    assert res.final is not None and res.final.error is None
