@@ -91,3 +91,4 @@ def test_decoder_rejects_a_payload_over_its_budget() -> None:
     forged = write_payload("budget:1000|q:4", records, None)
     with pytest.raises(DecodeError, match="over its spec's budget"):
         decode_update(forged)
+
