@@ -97,6 +97,7 @@ def to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     if len(_CONVERTED) >= _CACHE_LIMIT:  # many records alive at once: forget the oldest
         for k in list(_CONVERTED)[:_CACHE_LIMIT // 8]:
             del _CONVERTED[k]
+
     def forget(_: object, k: int = key) -> None:  # the entry goes when the record does,
         _CONVERTED.pop(k, None)                   # before its id can be reused
 

@@ -23,6 +23,7 @@ import torch
 
 from fedslim.compression import buffers, entropy, lowrank
 from fedslim.compression.bitpack import pack_codes
+from fedslim.compression.budget import encode_within
 from fedslim.compression.grammar import parse_spec
 from fedslim.compression.positions import PositionCodec, encode_positions
 from fedslim.compression.quantize import (
@@ -182,8 +183,6 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
         raise EncodeError(f"expected a mapping of name -> tensor, got {type(tensors).__name__}")
     prepared = [_prepare(name, t) for name, t in tensors.items()]
     if spec.topk is not None and spec.topk.is_budget:
-        from fedslim.compression.budget import encode_within
-
         total = sum(p.flat.numel() for p in prepared)
         limit = spec.topk.budget_for(total) if max_bytes is None else max_bytes
         pool = sum(p.flat.numel() for p in prepared
