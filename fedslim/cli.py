@@ -26,7 +26,7 @@ from fedslim.config import (
     typed_value,
 )
 from fedslim.console import FRAMEWORK_LOG, framework_logs
-from fedslim.deploy.processes import TAG_ENV, tagged_processes
+from fedslim.deploy.processes import TAG_ENV, freeze_tree
 from fedslim.errors import ConfigError, FedslimError
 from fedslim.preflight import (
     check_budget,
@@ -112,32 +112,28 @@ def _run(cfg: RunConfig, overrides: dict[str, Any], num_clients: int, cpus_per_c
 def _interrupted(tag: str, outdir: Path) -> NoReturn:
     """Ctrl-C / SIGTERM: stop every process this run started, say so, exit 130.
 
-    The ServerApp runs in a thread of this process that cannot be joined while it waits
-    for replies, so the process ends with ``os._exit``; nothing is lost: results.json and
-    the checkpoint are rewritten atomically after every round.
+    Every process of the run is frozen first (SIGSTOP), then all are killed at once and
+    this process ends at once: Ray's core worker in this process ends it with exit code 1
+    as soon as it sees its raylet die, so nothing may come between the kills and our exit.
+    The ServerApp runs in a thread that cannot be joined while it waits for replies, hence
+    ``os._exit``; nothing is lost: results.json and the checkpoint are rewritten
+    atomically after every round.
     """
     for stream in (sys.stdout, sys.stderr):  # (a flush racing a writer must not stop us)
         with contextlib.suppress(Exception):
             stream.flush()
-    err = os.dup(2)  # threads of Ray and Flower complain as their peers die: not to the user
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    problem = ""
+    problem, frozen = "", []
     try:
-        left = tagged_processes(tag)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 3
-            while left and time.monotonic() < deadline:
-                time.sleep(0.1)
-                left = tagged_processes(tag)
+        frozen = freeze_tree(tag)
     except BaseException as exc:  # whatever happens here, the process still ends with 130
         problem = f" (while stopping: {type(exc).__name__}: {exc})"
-    os.write(err, f"interrupted: the simulation was stopped; completed rounds are in "
-                  f"{outdir / RESULTS_FILE} (continue with -c resume=true){problem}\n".encode())
+    with contextlib.suppress(OSError):
+        os.write(2, f"interrupted: the simulation was stopped; completed rounds are in "
+                    f"{outdir / RESULTS_FILE} (continue with -c resume=true){problem}\n"
+                 .encode())
+    for pid in frozen:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     os._exit(130)
 
 

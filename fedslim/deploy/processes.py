@@ -109,10 +109,79 @@ def tagged_processes(tag: str, variable: str = TAG_ENV) -> list[int]:
     return sorted(found)
 
 
+def descendants(root: int) -> set[int]:
+    """PIDs of every live process below ``root`` in the process tree (Linux; else empty)."""
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields[0] not in ("Z", "X"):
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def freeze_tree(tag: str, root: int | None = None) -> list[int]:
+    """SIGSTOP every process below ``root`` (default: this one) or carrying ``tag``.
+
+    A stopped process cannot start another, so repeated scans converge on the whole set.
+    Both ways of finding them are needed: a process re-parented to init is found only by
+    its tag, and one that overwrote its environment (``setproctitle`` does, so Ray's
+    agents and workers can lose the tag) only through its parent. Returns the PIDs.
+    """
+    me = os.getpid() if root is None else root
+    stopped: set[int] = set()
+    for _ in range(100):
+        new = (set(tagged_processes(tag)) | descendants(me)) - stopped - {os.getpid()}
+        if not new:
+            break
+        _signal_pids(sorted(new), signal.SIGSTOP)
+        stopped |= new
+    return sorted(stopped)
+
+
 def _signal_pids(pids: Sequence[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+def stop_tagged(tag: str, grace: float = 3.0, settle: float = 10.0) -> list[int]:
+    """Stop every live process carrying ``tag``; return any still alive at the end.
+
+    SIGTERM to all, up to ``grace`` s for them to exit, then SIGKILL sweeps until two
+    scans 0.3 s apart find nothing (for at most ``settle`` s): a process can appear after
+    the first scan (Ray's raylet starts its agents while it shuts down), so one scan is
+    not enough.
+    """
+    left = tagged_processes(tag)
+    _signal_pids(left, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = tagged_processes(tag)
+    end = time.monotonic() + settle
+    quiet = 0
+    while quiet < 2 and time.monotonic() < end:
+        left = tagged_processes(tag)
+        if left:
+            _signal_pids(left, signal.SIGKILL)
+            quiet = 0
+        else:
+            quiet += 1
+        time.sleep(0.3)
+    return tagged_processes(tag)
 
 
 @dataclass
@@ -192,19 +261,11 @@ class ProcessSet:
                     os.killpg(p.popen.pid, signal.SIGKILL)
                 p.popen.wait()
         # Descendants in other sessions (SuperExec, ServerApp/ClientApp processes).
-        left = tagged_processes(self.tag)
-        if left:
-            _signal_pids(left, signal.SIGTERM)
-            deadline = time.monotonic() + min(grace, 5.0)
-            while time.monotonic() < deadline and tagged_processes(self.tag):
-                time.sleep(0.2)
-            left = tagged_processes(self.tag)
-            _signal_pids(left, signal.SIGKILL)
-            time.sleep(0.2)
+        left = stop_tagged(self.tag, grace=min(grace, 5.0))
         for p in self.procs:  # reap, so nothing stays a zombie of ours
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.popen.wait(timeout=1)
-        return tagged_processes(self.tag)
+        return left
 
     def __enter__(self) -> ProcessSet:
         return self
