@@ -20,6 +20,7 @@ Mod order: Flower runs mods first to last around the app; mods listed *before*
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -160,23 +161,43 @@ def _ef_file(state_dir: StateDir | None, context: Context, head: DownlinkHeader
     return None if directory is None else directory / f"ef-{_node_key(context)}.safetensors"
 
 
+def _file_round(path: Path, lineage: int) -> int | None:
+    """The round a residual file was written after, if it belongs to ``lineage``."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            info = fh.metadata() or {}
+        return int(info["round"]) if info.get("lineage") == str(lineage) else None
+    except Exception as exc:  # a damaged file is a lost residual, not a failed round
+        log.warning("ignoring error-feedback file %s: %s", path, exc)
+        return None
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
 def _error_feedback(context: Context, head: DownlinkHeader, path: Path | None
                     ) -> ErrorFeedback:
     """This node's residual: from ``context.state`` (same server stream), else from its
-    file (same run lineage, an earlier round: the server resumed), else zero."""
+    file (same run lineage, the newest written before this round: the server resumed),
+    else zero.
+
+    Two files are kept: the newest and the one before. A node can finish round r (and
+    write its residual) while the server dies before recording round r; the resumed server
+    repeats round r, which must start from the residual written after round r - 1.
+    """
     meta = context.state.config_records.get(STATE_EF_META)
     rec = context.state.array_records.get(STATE_EF)
     if rec is not None and meta is not None and meta.get("stream") == head.stream:
         return ErrorFeedback.from_state(to_state(rec))
-    if path is not None and path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                info = fh.metadata() or {}
-            if (info.get("lineage") == str(head.lineage)
-                    and int(info.get("round", "0")) < head.server_round):
-                return ErrorFeedback.from_state(load_file(str(path)))
-        except Exception as exc:  # a damaged file is a lost residual, not a failed round
-            log.warning("ignoring error-feedback file %s: %s", path, exc)
+    if path is not None:
+        found = [(r, f) for f in (path, _previous(path)) if f.is_file()
+                 and (r := _file_round(f, head.lineage)) is not None and r < head.server_round]
+        if found:
+            try:
+                return ErrorFeedback.from_state(load_file(str(max(found)[1])))
+            except Exception as exc:
+                log.warning("ignoring error-feedback file %s: %s", max(found)[1], exc)
     return ErrorFeedback()  # a new run: old residuals do not apply
 
 
@@ -184,6 +205,10 @@ def _persist(ef: ErrorFeedback, path: Path | None, head: DownlinkHeader) -> None
     if path is None:
         return
     try:
+        if path.is_file():  # keep the residual this round started from (see above)
+            written = _file_round(path, head.lineage)
+            if written is not None and written < head.server_round:
+                os.replace(path, _previous(path))
         save_model(path, ef.state_dict(), {"lineage": str(head.lineage),
                                            "round": str(head.server_round)})
     except OSError as exc:  # no place to keep it: resuming will start it from zero
