@@ -220,6 +220,11 @@ class CompressionConfig:
         "bench.comm selected on validation data, entropy-coded), `none` (the full float32 "
         "model every round), or a spec. The server decodes its own payload, so clients "
         "and server hold bit-identical weights with any pipeline."))
+    stream_aggregation: bool = field(default=True, metadata=key(
+        "stream-aggregation", "The server validates each reply, keeps it as sent and folds "
+        "its decoded update into a running sum one at a time (memory O(model), not O(clients "
+        "x model)); with fedslim's own strategy only (stock strategies need every reply at "
+        "once). false decodes all replies up front, as before."))
     bind_replies: bool = field(default=True, metadata=key(
         "bind-replies", "Every reply must carry the header binding it to the round and "
         "version it answers (replay protection, CRC of the node's copy), also with uplink "
@@ -295,6 +300,10 @@ class DistillConfig:
         "distill-eval-every", "Steps between validation checks.", low=1))
     augment: Augment = field(default=Augment.NOISE_SHIFT, metadata=key(
         "distill-augment", "Augmentation of proxy inputs (teacher sees the same inputs)."))
+    max_teachers: int = field(default=10, metadata=key(
+        "distill-max-teachers", "The `ensemble` teacher uses at most this many of the "
+        "round's client models (a seeded sample when more replied): the server holds this "
+        "many models, however many clients answer.", low=1))
 
     def __post_init__(self) -> None:
         validate_fields(self)

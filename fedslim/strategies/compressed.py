@@ -40,8 +40,16 @@ from fedslim.errors import FedslimError
 from fedslim.flower_io import message_bytes, to_state
 from fedslim.protocol import DOWN, UP, DownlinkHeader, UplinkHeader
 from fedslim.report import Reject, RoundCollector, RoundReport
+from fedslim.strategies.aggregate import State, float_keys
 from fedslim.strategies.downlink import Downlink
 from fedslim.strategies.ledger import ByteLedger
+from fedslim.strategies.stream import (
+    StreamingStrategy,
+    Update,
+    WeightsFn,
+    streams,
+    update_norm,
+)
 from fedslim.strategies.uplink import (
     Expected,
     UplinkDecoder,
@@ -108,7 +116,7 @@ class Compressed(StrategyWrapper):
                  downlink: str | PipelineSpec = "none", error_feedback: bool = True,
                  warmup_rounds: int = 0, seed: int = 0,
                  collector: RoundCollector | None = None, shared_init: bool = False,
-                 bind: bool = False) -> None:
+                 bind: bool = False, stream: bool = True) -> None:
         super().__init__(strategy, collector, reports=True)
         self.collector: RoundCollector = self.collector or RoundCollector()
         if isinstance(strategy, StrategyWrapper):  # one stack, one collector
@@ -127,6 +135,7 @@ class Compressed(StrategyWrapper):
         self._round = 0
         self.aggregate_seconds = 0.0  # the wrapped strategy's last aggregate_train
         self.shared_init = shared_init and self.downlink.compress
+        self.streaming_wanted = stream
 
     def summary(self) -> None:
         log.info("\t├──> fedslim compression: uplink=%s downlink=%s error-feedback=%s",
@@ -203,8 +212,11 @@ class Compressed(StrategyWrapper):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         report = self._report(server_round)
         ordered = list(replies)  # arrival order, as the wrapped strategy would see it
+        stream = self.streaming_wanted and streams(self.strategy)
         accepted: list[Message] = []
+        updates: list[Update] = []
         base = self.downlink.state
+        keys = float_keys(base)
         for msg in ordered:
             size = self.ledger.received(msg)
             if msg.has_error():
@@ -212,8 +224,9 @@ class Compressed(StrategyWrapper):
                              f"client error: {short_reason(msg.error.reason or '')}")
                 continue
             node = msg.metadata.src_node_id
+            exp = self._expected(node, server_round)
             try:
-                dec = self.decoder.decode(msg, base, self._expected(node, server_round))
+                dec = self.decoder.decode(msg, base, exp)
             except FedslimError as exc:
                 self._reject(report, msg, "train", str(exc))
                 continue
@@ -222,26 +235,49 @@ class Compressed(StrategyWrapper):
                              f"unexpected {type(exc).__name__} while decoding: {exc}")
                 continue
             if not self.plain:  # plain mode: the reply is already what the strategy wants
+                sent = msg.content
                 msg.content = dec.content
                 size = message_bytes(msg)
+                if stream:  # keep the reply as sent; its weights are decoded when folded
+                    msg.content = sent
             self.ledger.timing(dec.encode_seconds, dec.decode_seconds)
             self.ledger.allocation(dec.kept)
             self.ledger.plain_equivalent(size)
             self.downlink.acknowledge(node)
             accepted.append(msg)
+            if stream:
+                updates.append(Update(msg, self._redecode(msg, base, exp), base,
+                                      update_norm(dec.weights, base, keys)))
+            del dec
         report.replies, report.failures = len(accepted), len(ordered) - len(accepted)
         if not accepted:
             log.warning("round %s: no valid train reply; the global model is kept",
                         server_round)
             return None, None
         t0 = time.perf_counter()
-        arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
+        if stream:
+            inner = self.strategy
+            assert isinstance(inner, StreamingStrategy)
+            arrays, metrics = inner.aggregate_updates(server_round, updates)
+        else:
+            arrays, metrics = self.strategy.aggregate_train(server_round, accepted)
         self.aggregate_seconds = time.perf_counter() - t0
         report.train = scalar_metrics(metrics)
         if arrays is None:
             return None, metrics
         report.aggregated = True
         return self.downlink.publish(to_state(arrays)), metrics
+
+    def _redecode(self, msg: Message, base: State, exp: Expected) -> WeightsFn:
+        """Decode ``msg`` again when its update is folded (it was validated already)."""
+        plain = self.plain
+
+        def weights() -> State:
+            if plain:
+                return to_state(msg.content.array_records[exp.arrays_key])
+            return self.decoder.decode(msg, base, exp, materialize=False).weights
+
+        return weights
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

@@ -20,8 +20,9 @@ student, its checkpoint state and its export (float32 + int8 safetensors).
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ from fedslim.flower_io import to_state
 from fedslim.protocol import STUDENT_FILE, STUDENT_INT8_FILE
 from fedslim.report import DistillReport, RoundCollector, StudentReport
 from fedslim.server.storage import save_model
+from fedslim.strategies.stream import StreamingStrategy, Update, streams
+from fedslim.strategies.uplink import reply_order
 from fedslim.strategies.wrapper import StrategyWrapper
 from fedslim.task.data import Splits
 from fedslim.task.distill import combine_teachers, distill_student, ensemble_teacher
@@ -152,11 +155,43 @@ class Distilled(StrategyWrapper):
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is None or not self.distiller.due(server_round, self.num_rounds):
             return arrays, metrics
-        clients = [to_state(m.content.array_records[self.arrays_key]) for m in replies
-                   if not m.has_error() and self.arrays_key in m.content.array_records]
+        ok = [m for m in replies
+              if not m.has_error() and self.arrays_key in m.content.array_records]
+        clients = [to_state(m.content.array_records[self.arrays_key])
+                   for m in self._teachers(server_round, ok)]
+        self._distill(server_round, clients, arrays)
+        return arrays, metrics
+
+    @property
+    def streaming(self) -> bool:
+        return streams(self.strategy)
+
+    def aggregate_updates(self, server_round: int, updates: Sequence[Update]
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Streaming: only the (at most ``max_teachers``) teachers' models are decoded and
+        held at once, after the wrapped strategy has folded every update."""
+        inner = self.strategy
+        assert isinstance(inner, StreamingStrategy)  # (streaming is True only then)
+        arrays, metrics = inner.aggregate_updates(server_round, updates)
+        if arrays is None or not self.distiller.due(server_round, self.num_rounds):
+            return arrays, metrics
+        by_msg = {id(u.msg): u for u in updates}
+        chosen = self._teachers(server_round, [u.msg for u in updates])
+        self._distill(server_round, [by_msg[id(m)].weights() for m in chosen], arrays)
+        return arrays, metrics
+
+    def _teachers(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """At most ``max_teachers`` replies, in a fixed order: a seeded sample if more."""
+        ordered = sorted(replies, key=reply_order)
+        limit = self.distiller.cfg.max_teachers
+        if len(ordered) <= limit:
+            return ordered
+        rng = random.Random(f"{self.distiller.seed}/{server_round}/teachers")
+        return sorted(rng.sample(ordered, limit), key=reply_order)
+
+    def _distill(self, server_round: int, clients: list[State], arrays: ArrayRecord) -> None:
         report = self.distiller.distill(server_round, clients, to_state(arrays))
         self.collector.open(server_round).distill = report
-        return arrays, metrics
 
     def own_state(self) -> State:
         return self.distiller.state_dict()

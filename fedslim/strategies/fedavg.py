@@ -18,7 +18,7 @@ It aggregates plain weights like any Flower strategy; compression is the job of 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from fedslim.flower_io import state_record, to_state
 from fedslim.protocol import SERVER_ROUND
 from fedslim.strategies.aggregate import ServerOptimizer, apply_step, float_keys, weighted_mean
 from fedslim.strategies.common import aggregate_metrics, seeded_sample
+from fedslim.strategies.stream import Update
 from fedslim.strategies.uplink import check_weight, reply_order
 
 log = logging.getLogger("flwr").getChild("fedslim")
@@ -103,6 +104,44 @@ class FedslimFedAvg(FedAvg):
         self.current = new
         self._current_arrays = state_record(new)
         return self._current_arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    # -- streaming aggregation (see fedslim.strategies.stream) -------------------------
+    streaming = True
+
+    def aggregate_updates(self, server_round: int, updates: Sequence[Update]
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """:meth:`aggregate_train` one decoded update at a time: memory O(model).
+
+        The same float32 steps are folded in the same order with the same float64
+        coefficients as :func:`weighted_mean`, so the result is bit-identical.
+        """
+        items: list[tuple[Update, float]] = []
+        for upd in sorted(updates, key=lambda u: reply_order(u.msg)):
+            who = f"node {upd.msg.metadata.src_node_id}"
+            try:
+                items.append((upd, check_weight(
+                    next(iter(upd.msg.content.metric_records.values()), None), who)))
+            except FedslimError as exc:
+                log.warning("round %s: skipping reply from %s: %s", server_round, who, exc)
+        if len(items) < self.min_train_nodes:
+            log.warning("round %s: %d valid replies < min-train-nodes=%d; global model kept",
+                        server_round, len(items), self.min_train_nodes)
+            return None, None
+        keys = float_keys(self.current)
+        total = float(sum(w for _, w in items))
+        acc = {k: torch.zeros(self.current[k].shape, dtype=torch.float64) for k in keys}
+        for upd, w in items:
+            local = upd.weights()  # decoded now, dropped after this iteration
+            for k in keys:
+                acc[k].add_((local[k] - self.current[k]).to("cpu", torch.float64),
+                            alpha=w / total)
+            del local
+        step = self.opt.step({k: v.to(torch.float32) for k, v in acc.items()})
+        del acc
+        self.current = apply_step(self.current, step)
+        self._current_arrays = state_record(self.current)
+        return self._current_arrays, self.train_metrics_aggr_fn(
+            [u.msg.content for u, _ in items], self.weighted_by_key)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:

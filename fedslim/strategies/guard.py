@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -42,18 +42,11 @@ from fedslim.flower_io import state_record, to_state
 from fedslim.protocol import NUM_EXAMPLES
 from fedslim.report import Defence, Reject, RoundCollector
 from fedslim.strategies.aggregate import State, float_keys
+from fedslim.strategies.stream import StreamingStrategy, Update, streams, update_norm
 from fedslim.strategies.uplink import check_weight, partition_of
 from fedslim.strategies.wrapper import StrategyWrapper
 
 log = logging.getLogger("flwr").getChild("fedslim")
-
-
-def update_norm(local: State, base: State, keys: list[str]) -> float:
-    """L2 norm of ``local - base`` over ``keys``, accumulated in float64."""
-    total = 0.0
-    for k in keys:
-        total += float(torch.sum((local[k].double() - base[k].double()) ** 2))
-    return math.sqrt(total)
 
 
 def norm_bound(norms: list[float], clip_ratio: float, max_norm: float) -> float:
@@ -119,28 +112,42 @@ class Guarded(StrategyWrapper):
                           f"num-examples {w:g} > {self.weight_ratio:g} x median; set to {cap:g}")
         return kept
 
+    def _norm_scales(self, server_round: int, replies: Sequence[Message],
+                     norms: Sequence[float]) -> list[float | None]:
+        """Per reply: None (rejected as an outlier) or the factor its update is scaled by
+        (1.0: within the bound). Rejections and clips are reported."""
+        outlier = norm_bound(list(norms), self.reject_ratio, 0.0)
+        bound = norm_bound(list(norms), self.clip_ratio, self.max_norm)
+        scales: list[float | None] = []
+        for msg, norm in zip(replies, norms, strict=True):
+            if norm > outlier:
+                self._reject(server_round, msg, f"update norm {norm:.4g} is over "
+                             f"{self.reject_ratio:g} x the round's median ({outlier:.4g})")
+                scales.append(None)
+            elif norm <= bound:
+                scales.append(1.0)
+            else:
+                scales.append(bound / norm)
+                self._act(server_round, msg, "norm-clipped", f"update norm {norm:.4g} > "
+                          f"bound {bound:.4g}; scaled by {bound / norm:.3g}")
+        return scales
+
     def _bound_norms(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Reject outliers, clip the rest onto the bound; return the replies kept."""
         keys = float_keys(self.base)
         locals_ = [to_state(m.content.array_records[self.arrays_key]) for m in replies]
         norms = [update_norm(loc, self.base, keys) for loc in locals_]
-        outlier = norm_bound(norms, self.reject_ratio, 0.0)
-        bound = norm_bound(norms, self.clip_ratio, self.max_norm)
         kept = []
-        for msg, loc, norm in zip(replies, locals_, norms, strict=True):
-            if norm > outlier:
-                self._reject(server_round, msg, f"update norm {norm:.4g} is over "
-                             f"{self.reject_ratio:g} x the round's median ({outlier:.4g})")
+        for msg, loc, scale in zip(replies, locals_,
+                                   self._norm_scales(server_round, replies, norms),
+                                   strict=True):
+            if scale is None:
                 continue
             kept.append(msg)
-            if norm <= bound:
-                continue
-            scale = bound / norm
-            clipped = {k: (self.base[k] + (loc[k] - self.base[k]) * scale) if k in keys
-                       else loc[k] for k in loc}
-            msg.content[self.arrays_key] = state_record(clipped)
-            self._act(server_round, msg, "norm-clipped",
-                      f"update norm {norm:.4g} > bound {bound:.4g}; scaled by {scale:.3g}")
+            if scale != 1.0:
+                msg.content[self.arrays_key] = state_record(
+                    {k: (self.base[k] + (loc[k] - self.base[k]) * scale) if k in keys
+                     else loc[k] for k in loc})
         return kept
 
     def _reject(self, server_round: int, msg: Message, reason: str) -> None:
@@ -160,7 +167,35 @@ class Guarded(StrategyWrapper):
             ok = self._bound_norms(server_round, ok)
         if not ok:
             return None, None
-        arrays, metrics = self.strategy.aggregate_train(server_round, ok)
+        return self._finite(server_round, *self.strategy.aggregate_train(server_round, ok))
+
+    @property
+    def streaming(self) -> bool:
+        return streams(self.strategy)
+
+    def aggregate_updates(self, server_round: int, updates: Sequence[Update]
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The same defences on streamed updates: the norms were measured while each reply
+        was validated, and a clip is a ``scale`` applied when the update is decoded."""
+        ups = list(updates)
+        if ups and self.base:
+            kept = {id(m) for m in self._cap_weights(server_round, [u.msg for u in ups])}
+            ups = [u for u in ups if id(u.msg) in kept]
+            scales = self._norm_scales(server_round, [u.msg for u in ups],
+                                       [u.norm for u in ups])
+            for upd, scale in zip(ups, scales, strict=True):
+                upd.scale = scale if scale is not None else 1.0
+            ups = [u for u, scale in zip(ups, scales, strict=True) if scale is not None]
+        if not ups:
+            return None, None
+        inner = self.strategy
+        assert isinstance(inner, StreamingStrategy)  # (streaming is True only then)
+        return self._finite(server_round, *inner.aggregate_updates(server_round, ups))
+
+    def _finite(self, server_round: int, arrays: ArrayRecord | None,
+                metrics: MetricRecord | None
+                ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop the round if the aggregate holds NaN/Inf (the global model is kept)."""
         if arrays is not None and not all(
                 bool(torch.isfinite(v).all()) for v in to_state(arrays).values()
                 if v.is_floating_point()):

@@ -50,6 +50,7 @@ class Decoded:
     encode_seconds: float
     decode_seconds: float
     kept: dict[str, int] = field(default_factory=dict)  # values sent per tensor (payloads)
+    weights: State = field(default_factory=dict)  # the reply's weights (base + update)
 
 
 MAX_EXAMPLES = 1e12  # no client holds more; beyond 2^53 a count is not even an integer
@@ -116,7 +117,10 @@ def _metrics(content: RecordDict, who: str) -> MetricRecord:
 class UplinkDecoder:
     """Decodes and validates train replies against the current global model."""
 
-    def decode(self, msg: Message, base: State, exp: Expected) -> Decoded:
+    def decode(self, msg: Message, base: State, exp: Expected,
+               materialize: bool = True) -> Decoded:
+        """Validate ``msg`` and decode its weights. ``materialize=False`` leaves them out of
+        ``content`` (only in ``weights``): nothing is copied into an ArrayRecord."""
         who = f"node {msg.metadata.src_node_id}"
         content = msg.content
         metrics = _metrics(content, who)
@@ -127,13 +131,14 @@ class UplinkDecoder:
         out = RecordDict({k: v for k, v in content.items() if k not in (UP, PAYLOAD)})
         kept: dict[str, int] = {}
         if exp.spec.is_identity:  # plain arrays: validated, passed on as the client sent them
-            self._plain(content, base, exp.arrays_key, who)
+            weights = self._plain(content, base, exp.arrays_key, who)
         else:
             weights, kept = self._payload(payload, base, exp.spec, who)
-            out[exp.arrays_key] = state_record(weights)
+            if materialize:
+                out[exp.arrays_key] = state_record(weights)
         return Decoded(content=out, weight=weight,
                        encode_seconds=header.encode_seconds if header else 0.0,
-                       decode_seconds=time.perf_counter() - t0, kept=kept)
+                       decode_seconds=time.perf_counter() - t0, kept=kept, weights=weights)
 
     def _header(self, content: RecordDict, exp: Expected, who: str
                 ) -> tuple[UplinkHeader | None, bytes]:
@@ -172,7 +177,7 @@ class UplinkDecoder:
                                  f"expected {exp.arrays_key!r}")
 
     @staticmethod
-    def _plain(content: RecordDict, base: State, key: str, who: str) -> None:
+    def _plain(content: RecordDict, base: State, key: str, who: str) -> State:
         records = content.array_records
         if key not in records:
             raise UpdateRejected(f"{who}: reply has no ArrayRecord {key!r} (has "
@@ -194,6 +199,7 @@ class UplinkDecoder:
             if k not in fkeys and tuple(local[k].shape) != expected[k]:
                 raise UpdateRejected(f"{who}: tensor {k!r} has shape {tuple(local[k].shape)}, "
                                      f"expected {expected[k]}")
+        return local
 
     @staticmethod
     def _payload(payload: bytes, base: State, spec: PipelineSpec, who: str

@@ -8,6 +8,7 @@ from fedslim.client.app import make_client_app
 from fedslim.config import parse_run_config
 from fedslim.report import RoundCollector
 from fedslim.strategies import Compressed, Distilled, Distiller
+from fedslim.strategies.uplink import reply_order
 from fedslim.task.data import load_splits
 from fedslim.task.distill import ensemble_teacher
 from fedslim.task.models import build_model
@@ -85,7 +86,9 @@ def test_distilled_teaches_from_exactly_the_decoded_client_models(monkeypatch):
     torch.manual_seed(0)
     strategy.start(grid, ArrayRecord(build_model("digits_cnn").state_dict()), num_rounds=1)
     assert len(captured["clients"]) == 3
-    for state, reply in zip(captured["clients"], seen_replies, strict=True):
+    # (teachers come in a fixed order: partition id, then node id)
+    for state, reply in zip(captured["clients"], sorted(seen_replies, key=reply_order),
+                            strict=True):
         want = reply.content["arrays"].to_torch_state_dict()
         for k in want:
             assert torch.equal(state[k], want[k].float() if want[k].is_floating_point()
