@@ -235,6 +235,9 @@ class CompressionConfig:
         "set false for a ClientApp whose compression_mod has no `initial_state`."))
     error_feedback: bool = field(default=True, metadata=key(
         "error-feedback", "Clients add what compression dropped to their next update."))
+    ef_reset_after: int = field(default=0, metadata=key(
+        "ef-reset-after", "A client that last trained more than this many rounds ago drops "
+        "its error-feedback residual instead of adding it (0: never).", low=0, high=63))
     warmup_rounds: int = field(default=0, metadata=key(
         "warmup-rounds", "DGC-style sparsity warm-up: top-k density decays exponentially "
         "from 25% to the target over this many rounds.", low=0))

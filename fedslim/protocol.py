@@ -133,6 +133,9 @@ class DownlinkHeader:
     lineage : int
         Identifies the run across resumptions (0: none); a node may persist its
         error-feedback residual under it and pick it up after the server resumes.
+    ef_reset_after : int
+        0..63; nonzero: a node that last trained more than this many rounds ago drops its
+        error-feedback residual (a stale residual points where the model no longer is).
     """
 
     stream: int
@@ -146,11 +149,14 @@ class DownlinkHeader:
     seed: int
     init_crc: int = 0
     lineage: int = 0
+    ef_reset_after: int = 0
 
     MAGIC: ClassVar[bytes] = b"FSDN"
 
     def pack(self) -> bytes:
-        flags = int(self.error_feedback) | int(self.keep) << 1
+        if not 0 <= self.ef_reset_after <= 63:
+            raise ValueError(f"ef_reset_after must be in [0, 63], got {self.ef_reset_after}")
+        flags = int(self.error_feedback) | int(self.keep) << 1 | self.ef_reset_after << 2
         return (_DOWN.pack(self.MAGIC, 1, self.stream, self.version, self.base,
                            self.server_round, self.seed, self.init_crc, flags, self.lineage)
                 + _put_str(self.arrays_key, 1) + _put_str(self.uplink, 2))
@@ -161,7 +167,7 @@ class DownlinkHeader:
             raise UpdateRejected(f"{who}: header of {len(data)} bytes, need {_DOWN.size}+")
         (magic, ver, stream, version, base, rnd, seed, init_crc, flags,
          lineage) = _DOWN.unpack_from(data)
-        if magic != cls.MAGIC or ver != 1 or flags > 3 or base < -1:
+        if magic != cls.MAGIC or ver != 1 or base < -1:
             raise UpdateRejected(f"{who}: not a fedslim v1 downlink header")
         key, end = _take_str(data, _DOWN.size, 1, who, "arrays key")
         uplink, end = _take_str(data, end, 2, who, "uplink spec")
@@ -169,7 +175,7 @@ class DownlinkHeader:
             raise UpdateRejected(f"{who}: {len(data) - end} trailing header bytes")
         return cls(stream=stream, version=version, base=base, arrays_key=key, uplink=uplink,
                    error_feedback=bool(flags & 1), keep=bool(flags & 2), server_round=rnd,
-                   seed=seed, init_crc=init_crc, lineage=lineage)
+                   seed=seed, init_crc=init_crc, lineage=lineage, ef_reset_after=flags >> 2)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({HEADER_KEY: self.pack()})

@@ -189,16 +189,26 @@ def _error_feedback(context: Context, head: DownlinkHeader, path: Path | None
     meta = context.state.config_records.get(STATE_EF_META)
     rec = context.state.array_records.get(STATE_EF)
     if rec is not None and meta is not None and meta.get("stream") == head.stream:
-        return ErrorFeedback.from_state(to_state(rec))
+        last = meta.get("round")
+        if _fresh(head, last if isinstance(last, int) else None):
+            return ErrorFeedback.from_state(to_state(rec))
+        return ErrorFeedback()
     if path is not None:
         found = [(r, f) for f in (path, _previous(path)) if f.is_file()
                  and (r := _file_round(f, head.lineage)) is not None and r < head.server_round]
-        if found:
+        if found and _fresh(head, max(found)[0]):
             try:
                 return ErrorFeedback.from_state(load_file(str(max(found)[1])))
             except Exception as exc:
                 log.warning("ignoring error-feedback file %s: %s", max(found)[1], exc)
-    return ErrorFeedback()  # a new run: old residuals do not apply
+    return ErrorFeedback()  # a new run (old residuals do not apply), or a stale residual
+
+
+def _fresh(head: DownlinkHeader, last_round: int | None) -> bool:
+    """Whether a residual written after ``last_round`` may still be used this round."""
+    if not head.ef_reset_after or last_round is None:
+        return True
+    return head.server_round - last_round <= head.ef_reset_after
 
 
 def _persist(ef: ErrorFeedback, path: Path | None, head: DownlinkHeader) -> None:
@@ -255,7 +265,8 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
         if ef is not None:
             ef.record(update, sent)
             context.state[STATE_EF] = ArrayRecord(ef.state_dict())
-            context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream})
+            context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream,
+                                                         "round": head.server_round})
             _persist(ef, path, head)
     header = _header(head, start, encode_seconds=time.perf_counter() - t0,
                      raw_bytes=sum(start[k].numel() * 4 for k in keys))

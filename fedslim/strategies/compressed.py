@@ -116,7 +116,7 @@ class Compressed(StrategyWrapper):
                  downlink: str | PipelineSpec = "none", error_feedback: bool = True,
                  warmup_rounds: int = 0, seed: int = 0,
                  collector: RoundCollector | None = None, shared_init: bool = False,
-                 bind: bool = False, stream: bool = True) -> None:
+                 bind: bool = False, stream: bool = True, ef_reset_after: int = 0) -> None:
         super().__init__(strategy, collector, reports=True)
         self.collector: RoundCollector = self.collector or RoundCollector()
         if isinstance(strategy, StrategyWrapper):  # one stack, one collector
@@ -124,6 +124,7 @@ class Compressed(StrategyWrapper):
         self.uplink = parse_spec(uplink)
         self.downlink = Downlink(parse_spec(downlink))
         self.error_feedback = error_feedback
+        self.ef_reset_after = ef_reset_after
         self.warmup_rounds = warmup_rounds
         self.seed = seed
         self.plain = self.uplink.is_identity and not self.downlink.compress and not bind
@@ -165,7 +166,7 @@ class Compressed(StrategyWrapper):
                 stream=self.stream, version=self.downlink.version, base=base, arrays_key=key,
                 uplink=str(self.uplink_at(server_round)), error_feedback=self.error_feedback,
                 keep=self.downlink.compress, server_round=server_round,
-                seed=self.seed, lineage=self.lineage,
+                seed=self.seed, lineage=self.lineage, ef_reset_after=self.ef_reset_after,
                 init_crc=self.downlink.init_crc if kind == "init" else 0).to_record()
             new = Message(content=content, dst_node_id=node,
                           message_type=msg.metadata.message_type,

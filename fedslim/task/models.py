@@ -96,6 +96,16 @@ def digits_wide(input_shape: InputShape, num_classes: int) -> nn.Module:
     return ConvNet(_channels(input_shape), num_classes, c1=64, c2=128, hidden=512)
 
 
+@register_model("wide32")
+def wide32(input_shape: InputShape, num_classes: int) -> nn.Module:
+    """~10.1M parameters for 3x32x32 inputs: two conv layers and a 9728-wide dense layer.
+
+    The ~10M-parameter workload of the scale benchmark: as many parameters (bytes on the
+    wire, server memory) as a ResNet-18, at a compute cost a 2-core CPU can train.
+    """
+    return ConvNet(_channels(input_shape), num_classes, c1=32, c2=64, hidden=9728)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()

@@ -48,3 +48,19 @@ def test_rewriting_the_same_round_keeps_the_one_before(tmp_path):
     _persist(_ef(2.75), path, dataclasses.replace(HEAD, server_round=2))  # round 2 again
     assert torch.equal(_loaded(path, 2), torch.full((3,), 1.5))
     assert torch.equal(_loaded(path, 3), torch.full((3,), 2.75))
+
+
+def test_a_stale_residual_is_dropped_when_asked(tmp_path):
+    path = tmp_path / "ef-1.safetensors"
+    _persist(_ef(2.5), path, dataclasses.replace(HEAD, server_round=2))
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def loaded(server_round: int, reset_after: int) -> bool:
+        head = dataclasses.replace(HEAD, server_round=server_round, stream=9,
+                                   ef_reset_after=reset_after)
+        return bool(_error_feedback(ctx, head, path).state_dict())
+
+    assert loaded(12, 0)  # 0: never reset
+    assert loaded(12, 10) and not loaded(13, 10)  # last trained in round 2
+    assert DownlinkHeader.unpack(dataclasses.replace(HEAD, ef_reset_after=63).pack()) \
+        .ef_reset_after == 63

@@ -1,0 +1,109 @@
+"""Server memory vs number of clients: streaming aggregation against decoding all replies.
+
+    python -m fedslim.bench.memory --clients 10 100 --model wide32 --dataset synthetic32
+
+For each number of clients (all of them train every round) and each aggregation mode
+(``stream-aggregation=true``: one decoded update at a time; ``false``: every reply
+decoded up front, as before), runs ``fedslim simulate`` for ``--rounds`` rounds and reads
+from its results.json the server process's peak RSS (``getrusage`` high-water mark of
+the process that runs the ServerApp) and the time split of the round. Prints the growth
+of the server's peak from the fewest to the most clients, in units of the model's fp32
+size, and the codec share of the clients' time ((encode + downlink decode) / (train +
+encode + decode)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fedslim.report import load_results
+from fedslim.task.models import InputShape, build_model, count_params
+
+SHAPES: dict[str, InputShape] = {"synthetic32": (3, 32, 32), "cifar10": (3, 32, 32),
+                                 "digits": (1, 8, 8), "synthetic": (1, 8, 8)}
+
+
+def run(args: argparse.Namespace, clients: int, stream: bool, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "fedslim.cli", "simulate", "--num-clients", str(clients),
+           "--rounds", str(args.rounds), "--output-dir", str(out)]
+    for kv in (f"model={args.model}", f"dataset={args.dataset}",
+               f"synthetic-samples={args.samples_per_client * clients}",
+               f"uplink={args.uplink}", f"stream-aggregation={str(stream).lower()}",
+               "fraction-evaluate=0", "client-eval-fraction=0", "partitioning=iid",
+               f"min-train-nodes={min(2, clients)}", f"seed={args.seed}", "progress=false"):
+        cmd += ["-c", kv]
+    t0 = time.perf_counter()
+    rc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                        text=True).returncode
+    wall = time.perf_counter() - t0
+    res = load_results(out)
+    rounds = [r for r in res.rounds if r.resources]
+    last = rounds[-1].resources if rounds else None
+    train = sum(r.resources.client_train_seconds for r in rounds if r.resources)
+    encode = sum(r.resources.client_encode_seconds for r in rounds if r.resources)
+    decode = sum(r.resources.server_decode_seconds for r in rounds if r.resources)
+    return {"clients": clients, "stream": stream, "rc": rc, "wall_seconds": wall,
+            "server_peak_rss_mb": max((r.resources.server_peak_rss_mb for r in rounds
+                                       if r.resources), default=None),
+            "client_peak_rss_mb": last.client_peak_rss_mb if last else None,
+            "client_train_seconds": train, "client_encode_seconds": encode,
+            "server_decode_seconds": decode,
+            "server_aggregate_seconds": sum(r.resources.server_aggregate_seconds
+                                            for r in rounds if r.resources),
+            "test_accuracy": res.final.test_accuracy if res.final else None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
+    p.add_argument("--model", default="wide32")
+    p.add_argument("--dataset", default="synthetic32")
+    p.add_argument("--samples-per-client", type=int, default=60)
+    p.add_argument("--uplink", default="topk:0.01|q:4")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    shape = SHAPES.get(args.dataset, (3, 32, 32))
+    model_mb = count_params(build_model(args.model, shape, 10)) * 4 / 2**20
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for clients in args.clients:
+            for stream in (True, False):
+                row = run(args, clients, stream, Path(tmp) / f"{clients}-{stream}")
+                rows.append(row)
+                print(f"  {clients:4d} clients, stream-aggregation={str(stream).lower():5s}: "
+                      f"server peak {row['server_peak_rss_mb']:7.0f} MB, wall "
+                      f"{row['wall_seconds']:6.1f} s, rc {row['rc']}", flush=True)
+    print(f"{args.model} ({model_mb:.1f} MB fp32) on {args.dataset}, uplink {args.uplink}, "
+          f"{args.rounds} rounds, every client every round, seed {args.seed}:")
+    lo, hi = min(args.clients), max(args.clients)
+    for stream in (True, False):
+        a = next(r for r in rows if r["clients"] == lo and r["stream"] is stream)
+        b = next(r for r in rows if r["clients"] == hi and r["stream"] is stream)
+        grow = b["server_peak_rss_mb"] - a["server_peak_rss_mb"]
+        print(f"  stream-aggregation={str(stream).lower():5s}: server peak {lo} clients "
+              f"{a['server_peak_rss_mb']:.0f} MB -> {hi} clients {b['server_peak_rss_mb']:.0f}"
+              f" MB: +{grow:.0f} MB = {grow / model_mb:.2f} x the model")
+    for r in rows:
+        client = r["client_train_seconds"] + r["client_encode_seconds"]
+        print(f"  {r['clients']:4d} clients stream={str(r['stream']).lower():5s}: codec share "
+              f"of client time {100 * r['client_encode_seconds'] / client:.1f}% (encode "
+              f"{r['client_encode_seconds']:.1f} s / train {r['client_train_seconds']:.1f} s)"
+              f"; server decode {r['server_decode_seconds']:.1f} s, aggregate "
+              f"{r['server_aggregate_seconds']:.1f} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model_mb": model_mb, "args": {
+            k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
