@@ -235,6 +235,11 @@ class CompressionConfig:
         "set false for a ClientApp whose compression_mod has no `initial_state`."))
     error_feedback: bool = field(default=True, metadata=key(
         "error-feedback", "Clients add what compression dropped to their next update."))
+    spill_client_state: bool = field(default=True, metadata=key(
+        "spill-client-state", "fedslim's ClientApp keeps its copy of the global model and "
+        "its residual in files under output-dir/client-state instead of Flower's node "
+        "context (which the simulation engine holds in the server process for every node: "
+        "two models per node)."))
     ef_reset_after: int = field(default=0, metadata=key(
         "ef-reset-after", "A client that last trained more than this many rounds ago drops "
         "its error-feedback residual instead of adding it (0: never).", low=0, high=63))

@@ -52,6 +52,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "topk 1% + q4, server momentum": {**_UP, **_ONE_WAY},
     "topk 1% + q4, no EF": {"uplink": "topk:0.01|q:4", "error-feedback": False,
                             **_ONE_WAY},
+    # Error feedback under partial participation (issue 16): a rarely sampled client's
+    # residual is stale; drop it after N rounds away, drop EF, or keep memory on the server.
+    "topk 1% + q4, EF reset after 10": {"uplink": "topk:0.01|q:4", "ef-reset-after": 10,
+                                        **_ONE_WAY},
+    "topk 1% + q4, no EF, server momentum": {**_UP, "error-feedback": False, **_ONE_WAY},
+    "topk 1% + q4, no EF, server momentum 0.9": {**_UP, "error-feedback": False,
+                                                 "server-momentum": 0.9, **_ONE_WAY},
+    "topk 1% + q4, EF reset after 10, server momentum": {**_UP, "ef-reset-after": 10,
+                                                          **_ONE_WAY},
     "topk 0.5% + q4": {"uplink": "topk:0.005|q:4", **_ONE_WAY},
     "topk 1% + q2": {"uplink": "topk:0.01|q:2", **_ONE_WAY},
     "topk 2% + q4": {"uplink": "topk:0.02|q:4", **_ONE_WAY},

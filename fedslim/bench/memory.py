@@ -2,14 +2,16 @@
 
     python -m fedslim.bench.memory --clients 10 100 --model wide32 --dataset synthetic32
 
-For each number of clients (all of them train every round) and each aggregation mode
-(``stream-aggregation=true``: one decoded update at a time; ``false``: every reply
-decoded up front, as before), runs ``fedslim simulate`` for ``--rounds`` rounds and reads
-from its results.json the server process's peak RSS (``getrusage`` high-water mark of
-the process that runs the ServerApp) and the time split of the round. Prints the growth
-of the server's peak from the fewest to the most clients, in units of the model's fp32
-size, and the codec share of the clients' time ((encode + downlink decode) / (train +
-encode + decode)).
+For each number of clients (all of them train every round) and each mode -- before
+(every reply decoded up front, node contexts holding model copies), streaming
+aggregation (``stream-aggregation=true``: one decoded update at a time), and streaming
+plus ``spill-client-state=true`` (nodes keep their model-sized state in files, not in
+the contexts that Flower's simulation engine holds in the server process) -- runs
+``fedslim simulate`` for ``--rounds`` rounds and reads from its results.json the server
+process's peak RSS (``getrusage`` high-water mark of the process that runs the ServerApp)
+and the time split of the round. Prints the growth of the server's peak from the fewest
+to the most clients, in units of the model's fp32 size, and the codec share of the
+clients' time (encode / (train + encode)).
 """
 
 from __future__ import annotations
@@ -30,12 +32,21 @@ SHAPES: dict[str, InputShape] = {"synthetic32": (3, 32, 32), "cifar10": (3, 32, 
                                  "digits": (1, 8, 8), "synthetic": (1, 8, 8)}
 
 
-def run(args: argparse.Namespace, clients: int, stream: bool, out: Path) -> dict[str, Any]:
+MODES = {  # name: (stream-aggregation, spill-client-state)
+    "before (decode all, contexts in memory)": (False, False),
+    "streaming aggregation": (True, False),
+    "streaming + spilled client state": (True, True),
+}
+
+
+def run(args: argparse.Namespace, clients: int, mode: str, out: Path) -> dict[str, Any]:
+    stream, spill = MODES[mode]
     cmd = [sys.executable, "-m", "fedslim.cli", "simulate", "--num-clients", str(clients),
            "--rounds", str(args.rounds), "--output-dir", str(out)]
     for kv in (f"model={args.model}", f"dataset={args.dataset}",
                f"synthetic-samples={args.samples_per_client * clients}",
                f"uplink={args.uplink}", f"stream-aggregation={str(stream).lower()}",
+               f"spill-client-state={str(spill).lower()}",
                "fraction-evaluate=0", "client-eval-fraction=0", "partitioning=iid",
                f"min-train-nodes={min(2, clients)}", f"seed={args.seed}", "progress=false"):
         cmd += ["-c", kv]
@@ -49,7 +60,7 @@ def run(args: argparse.Namespace, clients: int, stream: bool, out: Path) -> dict
     train = sum(r.resources.client_train_seconds for r in rounds if r.resources)
     encode = sum(r.resources.client_encode_seconds for r in rounds if r.resources)
     decode = sum(r.resources.server_decode_seconds for r in rounds if r.resources)
-    return {"clients": clients, "stream": stream, "rc": rc, "wall_seconds": wall,
+    return {"clients": clients, "mode": mode, "rc": rc, "wall_seconds": wall,
             "server_peak_rss_mb": max((r.resources.server_peak_rss_mb for r in rounds
                                        if r.resources), default=None),
             "client_peak_rss_mb": last.client_peak_rss_mb if last else None,
@@ -76,26 +87,26 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for clients in args.clients:
-            for stream in (True, False):
-                row = run(args, clients, stream, Path(tmp) / f"{clients}-{stream}")
+            for i, mode in enumerate(MODES):
+                row = run(args, clients, mode, Path(tmp) / f"{clients}-{i}")
                 rows.append(row)
-                print(f"  {clients:4d} clients, stream-aggregation={str(stream).lower():5s}: "
-                      f"server peak {row['server_peak_rss_mb']:7.0f} MB, wall "
-                      f"{row['wall_seconds']:6.1f} s, rc {row['rc']}", flush=True)
+                print(f"  {clients:4d} clients, {mode:40s}: server peak "
+                      f"{row['server_peak_rss_mb']:7.0f} MB, wall {row['wall_seconds']:6.1f} s,"
+                      f" rc {row['rc']}", flush=True)
     print(f"{args.model} ({model_mb:.1f} MB fp32) on {args.dataset}, uplink {args.uplink}, "
           f"{args.rounds} rounds, every client every round, seed {args.seed}:")
     lo, hi = min(args.clients), max(args.clients)
-    for stream in (True, False):
-        a = next(r for r in rows if r["clients"] == lo and r["stream"] is stream)
-        b = next(r for r in rows if r["clients"] == hi and r["stream"] is stream)
+    for mode in MODES:
+        a = next(r for r in rows if r["clients"] == lo and r["mode"] == mode)
+        b = next(r for r in rows if r["clients"] == hi and r["mode"] == mode)
         grow = b["server_peak_rss_mb"] - a["server_peak_rss_mb"]
-        print(f"  stream-aggregation={str(stream).lower():5s}: server peak {lo} clients "
-              f"{a['server_peak_rss_mb']:.0f} MB -> {hi} clients {b['server_peak_rss_mb']:.0f}"
-              f" MB: +{grow:.0f} MB = {grow / model_mb:.2f} x the model")
+        print(f"  {mode:40s}: server peak {lo} clients {a['server_peak_rss_mb']:.0f} MB -> "
+              f"{hi} clients {b['server_peak_rss_mb']:.0f} MB: +{grow:.0f} MB = "
+              f"{grow / model_mb:.2f} x the model")
     for r in rows:
         client = r["client_train_seconds"] + r["client_encode_seconds"]
-        print(f"  {r['clients']:4d} clients stream={str(r['stream']).lower():5s}: codec share "
-              f"of client time {100 * r['client_encode_seconds'] / client:.1f}% (encode "
+        print(f"  {r['clients']:4d} clients, {r['mode']:40s}: codec share of client time "
+              f"{100 * r['client_encode_seconds'] / client:.1f}% (encode "
               f"{r['client_encode_seconds']:.1f} s / train {r['client_train_seconds']:.1f} s)"
               f"; server decode {r['server_decode_seconds']:.1f} s, aggregate "
               f"{r['server_aggregate_seconds']:.1f} s")

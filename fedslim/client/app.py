@@ -112,8 +112,12 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
         cfg = parse_run_config(context.run_config, overrides)
         return Path(cfg.fed.output_dir).expanduser() / "client-state"
 
+    def spill(context: Context) -> bool:
+        return parse_run_config(context.run_config, overrides).comp.spill_client_state
+
     client_app = ClientApp(mods=[*(mods or []),
-                                 make_compression_mod(initial_state, state_dir),
+                                 make_compression_mod(initial_state, state_dir,
+                                                      spill=spill),
                                  *(inner_mods or [])])
 
     @client_app.train()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,21 +71,60 @@ log = logging.getLogger("flwr").getChild("fedslim")
 MAX_CHAIN = 256  # catch-up steps a node accepts in one message (the server keeps <= 32)
 
 
-def _held(context: Context, stream: int) -> tuple[int, State] | None:
+def _global_file(spill: Path, context: Context) -> Path:
+    return spill / f"global-{_node_key(context)}.safetensors"
+
+
+def _held(context: Context, stream: int, spill: Path | None = None
+          ) -> tuple[int, State] | None:
+    """The global version this node holds and its weights (from ``context.state`` or, when
+    it was spilled, from the file whose token the context remembers)."""
     meta = context.state.config_records.get(STATE_META)
-    if meta is None or meta.get("stream") != stream or STATE_GLOBAL not in context.state:
+    if meta is None or meta.get("stream") != stream:
         return None
-    version = meta.get("version")
+    version, token = meta.get("version"), meta.get("file-token")
     if not isinstance(version, int):
         return None
-    return version, to_state(context.state.array_records[STATE_GLOBAL])
+    if token is None:
+        if STATE_GLOBAL not in context.state:
+            return None
+        return version, to_state(context.state.array_records[STATE_GLOBAL])
+    if spill is None:
+        return None
+    path = _global_file(spill, context)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            if (fh.metadata() or {}).get("token") != str(token):
+                return None
+        return version, load_file(str(path))
+    except Exception as exc:  # a lost copy: the server's message will say what is missing
+        log.warning("cannot read the held global model %s: %s", path, exc)
+        return None
+
+
+def _keep_global(context: Context, head: DownlinkHeader, state: State,
+                 spill: Path | None) -> None:
+    meta: dict[str, int] = {"stream": head.stream, "version": head.version}
+    if spill is not None:
+        try:
+            token = secrets.randbits(62)
+            save_model(_global_file(spill, context), state, {"token": str(token)})
+            meta["file-token"] = token
+            if STATE_GLOBAL in context.state:
+                del context.state[STATE_GLOBAL]
+            context.state[STATE_META] = ConfigRecord(meta)  # type: ignore[arg-type]
+            return
+        except OSError as exc:  # no room on disk: keep it in memory instead
+            log.warning("cannot spill the global model to %s: %s", spill, exc)
+    context.state[STATE_GLOBAL] = state_record(state)
+    context.state[STATE_META] = ConfigRecord(meta)  # type: ignore[arg-type]
 
 
 InitialState = Callable[[Context], State]
 
 
 def _base_state(context: Context, head: DownlinkHeader,
-                initial_state: InitialState | None) -> State:
+                initial_state: InitialState | None, spill: Path | None) -> State:
     """The version the message builds on: held, or (``init_crc``) built here."""
     if head.init_crc:
         if initial_state is None:
@@ -96,7 +136,7 @@ def _base_state(context: Context, head: DownlinkHeader,
             raise DecodeError("downlink: the initial model built here differs from the "
                               "server's (CRC mismatch): different model, seed or device")
         return state
-    held = _held(context, head.stream)
+    held = _held(context, head.stream, spill)
     if held is None or held[0] != head.base:
         raise DecodeError(f"downlink: message builds on global version {head.base} but "
                           f"this node holds {None if held is None else held[0]}; the "
@@ -105,7 +145,8 @@ def _base_state(context: Context, head: DownlinkHeader,
 
 
 def receive_global(msg: Message, context: Context, head: DownlinkHeader,
-                   initial_state: InitialState | None = None) -> State:
+                   initial_state: InitialState | None = None,
+                   spill: Path | None = None) -> State:
     """The global model this message brings the node to (remembered if ``head.keep``).
 
     Raises
@@ -120,7 +161,7 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader,
             raise DecodeError(f"downlink: no {head.arrays_key!r} record and no base version")
         state = to_state(content.array_records[head.arrays_key])
     else:
-        state = _base_state(context, head, initial_state)
+        state = _base_state(context, head, initial_state, spill)
         steps = head.version - head.base
         if steps > MAX_CHAIN:
             raise DecodeError(f"downlink: a catch-up of {steps} steps exceeds {MAX_CHAIN}")
@@ -139,9 +180,7 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader,
                                           "held model")
                 state = apply_delta(state, delta)  # step by step, as the server did
     if head.keep:
-        context.state[STATE_GLOBAL] = state_record(state)
-        context.state[STATE_META] = ConfigRecord({"stream": head.stream,
-                                                  "version": head.version})
+        _keep_global(context, head, state, spill)
     return state
 
 
@@ -226,7 +265,7 @@ def _persist(ef: ErrorFeedback, path: Path | None, head: DownlinkHeader) -> None
 
 
 def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: State,
-                 state_dir: StateDir | None = None) -> None:
+                 state_dir: StateDir | None = None, spill: Path | None = None) -> None:
     """Replace the reply's weights by the encoded update and add the uplink header."""
     records = reply.content.array_records
     key = head.arrays_key
@@ -264,9 +303,10 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
             context.state[STATE_LOWRANK] = ArrayRecord(lowrank_state)
         if ef is not None:
             ef.record(update, sent)
-            context.state[STATE_EF] = ArrayRecord(ef.state_dict())
-            context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream,
-                                                         "round": head.server_round})
+            if spill is None or path is None:  # (spilled: its file is the only copy)
+                context.state[STATE_EF] = ArrayRecord(ef.state_dict())
+                context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream,
+                                                             "round": head.server_round})
             _persist(ef, path, head)
     header = _header(head, start, encode_seconds=time.perf_counter() - t0,
                      raw_bytes=sum(start[k].numel() * 4 for k in keys))
@@ -309,17 +349,24 @@ def _payload_room(reply: Message, key: str, spec: PipelineSpec, start: State,
 
 
 def make_compression_mod(initial_state: InitialState | None = None,
-                         state_dir: StateDir | None = None) -> Mod:
+                         state_dir: StateDir | None = None,
+                         spill: bool | Callable[[Context], bool] = False) -> Mod:
     """A ``compression_mod`` with optional node-side helpers.
 
     ``initial_state(context)`` builds the run's round-0 model on the node, so a server with
     ``shared_init`` need not send it. ``state_dir(context)`` names a directory where the
     node keeps its error-feedback residual (one file per node, keyed by the run's lineage),
     so a resumed server run continues exactly where the interrupted one stopped.
+
+    ``spill``: the node's model-sized state (its copy of the global model, the residual)
+    lives only in ``state_dir``, not in ``context.state``. Flower's simulation engine keeps
+    every node's context in the server process, so without it that process holds two
+    models per node; with it, a few bytes per node.
     """
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        return _compression(msg, context, call_next, initial_state, state_dir)
+        return _compression(msg, context, call_next, initial_state, state_dir,
+                            spill(context) if callable(spill) else spill)
 
     mod.__name__ = mod.__qualname__ = "compression_mod"
     return mod
@@ -327,11 +374,26 @@ def make_compression_mod(initial_state: InitialState | None = None,
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower client mod: decompress the downlink, compress the app's train reply."""
-    return _compression(msg, context, call_next, None, None)
+    return _compression(msg, context, call_next, None, None, False)
+
+
+def _spill_dir(state_dir: StateDir | None, context: Context, spill: bool) -> Path | None:
+    if not spill or state_dir is None:
+        return None
+    directory = state_dir(context)
+    if directory is None:
+        return None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("cannot spill node state to %s (kept in memory): %s", directory, exc)
+        return None
+    return directory
 
 
 def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
-                 initial_state: InitialState | None, state_dir: StateDir | None) -> Message:
+                 initial_state: InitialState | None, state_dir: StateDir | None,
+                 spill: bool) -> Message:
     header = msg.content.config_records.get(DOWN)
     if header is None:  # not from a fedslim-compressed server: stock behaviour
         return call_next(msg, context)
@@ -339,7 +401,8 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
         head = DownlinkHeader.from_record(header)
     except Exception as exc:
         raise DecodeError(f"downlink header: {exc}") from None
-    start = receive_global(msg, context, head, initial_state)
+    spill_dir = _spill_dir(state_dir, context, spill)
+    start = receive_global(msg, context, head, initial_state, spill_dir)
     content = msg.content
     for key in (DOWN, DELTA):
         if key in content:
@@ -350,7 +413,7 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
     if reply.has_error():
         return reply
     if msg.metadata.message_type == MessageType.TRAIN:
-        encode_reply(reply, context, head, start, state_dir)
+        encode_reply(reply, context, head, start, state_dir, spill_dir)
     else:  # tell the server which global this node now holds (its deltas build on it)
         reply.content[UP] = _header(head, start, encode_seconds=0.0, raw_bytes=0).to_record()
     return reply
