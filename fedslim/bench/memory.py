@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, clients: int, mode: str, out: Path) -> dict[st
     cmd = [sys.executable, "-m", "fedslim.cli", "simulate", "--num-clients", str(clients),
            "--rounds", str(args.rounds), "--output-dir", str(out)]
     for kv in (f"model={args.model}", f"dataset={args.dataset}",
-               f"synthetic-samples={args.samples_per_client * clients}",
+               f"synthetic-samples={args.samples}",
                f"uplink={args.uplink}", f"stream-aggregation={str(stream).lower()}",
                f"spill-client-state={str(spill).lower()}",
                "fraction-evaluate=0", "client-eval-fraction=0", "partitioning=iid",
@@ -76,27 +76,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     p.add_argument("--model", default="wide32")
     p.add_argument("--dataset", default="synthetic32")
-    p.add_argument("--samples-per-client", type=int, default=60)
+    p.add_argument("--samples", type=int, default=6000,
+                   help="synthetic examples in all (the same for every number of clients, "
+                   "so only the number of clients changes)")
     p.add_argument("--uplink", default="topk:0.01|q:4")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--modes", type=int, nargs="+", default=list(range(len(MODES))),
+                   help="which modes to run, by position: " + "; ".join(
+                       f"{i}: {m}" for i, m in enumerate(MODES)))
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    modes = [m for i, m in enumerate(MODES) if i in args.modes]
     shape = SHAPES.get(args.dataset, (3, 32, 32))
     model_mb = count_params(build_model(args.model, shape, 10)) * 4 / 2**20
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for clients in args.clients:
-            for i, mode in enumerate(MODES):
+            for i, mode in enumerate(modes):
                 row = run(args, clients, mode, Path(tmp) / f"{clients}-{i}")
                 rows.append(row)
                 print(f"  {clients:4d} clients, {mode:40s}: server peak "
                       f"{row['server_peak_rss_mb']:7.0f} MB, wall {row['wall_seconds']:6.1f} s,"
                       f" rc {row['rc']}", flush=True)
     print(f"{args.model} ({model_mb:.1f} MB fp32) on {args.dataset}, uplink {args.uplink}, "
-          f"{args.rounds} rounds, every client every round, seed {args.seed}:")
+          f"{args.samples} examples in all, {args.rounds} rounds, every client every round, "
+          f"seed {args.seed}:")
     lo, hi = min(args.clients), max(args.clients)
-    for mode in MODES:
+    for mode in modes:
         a = next(r for r in rows if r["clients"] == lo and r["mode"] == mode)
         b = next(r for r in rows if r["clients"] == hi and r["mode"] == mode)
         grow = b["server_peak_rss_mb"] - a["server_peak_rss_mb"]

@@ -108,7 +108,8 @@ def _keep_global(context: Context, head: DownlinkHeader, state: State,
     if spill is not None:
         try:
             token = secrets.randbits(62)
-            save_model(_global_file(spill, context), state, {"token": str(token)})
+            save_model(_global_file(spill, context), state, {"token": str(token)},
+                       durable=False)  # (lost on a power cut: the server resends)
             meta["file-token"] = token
             if STATE_GLOBAL in context.state:
                 del context.state[STATE_GLOBAL]
@@ -259,7 +260,8 @@ def _persist(ef: ErrorFeedback, path: Path | None, head: DownlinkHeader) -> None
             if written is not None and written < head.server_round:
                 os.replace(path, _previous(path))
         save_model(path, ef.state_dict(), {"lineage": str(head.lineage),
-                                           "round": str(head.server_round)})
+                                           "round": str(head.server_round)},
+                   durable=False)  # (lost on a power cut: the residual restarts at zero)
     except OSError as exc:  # no place to keep it: resuming will start it from zero
         log.warning("cannot persist the error-feedback residual to %s: %s", path, exc)
 

@@ -37,8 +37,14 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename).
+
+    ``durable=False`` skips the two fsyncs: the file is still never seen half-written by
+    another process (rename is atomic), but a power cut may lose it. For state that can be
+    rebuilt (a node's spilled copy of the global model, its residual), where a fsync of a
+    model-sized file every round would cost more than the encoding.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -46,11 +52,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fchmod(fh.fileno(), FILE_MODE)
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -67,10 +76,10 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_model(path: Path, state: dict[str, torch.Tensor],
-               metadata: dict[str, str] | None = None) -> int:
+               metadata: dict[str, str] | None = None, durable: bool = True) -> int:
     """Save a state dict as safetensors (atomically); returns the file size in bytes."""
     data = st_save(_contiguous(state), metadata=metadata)
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, durable)
     return len(data)
 
 

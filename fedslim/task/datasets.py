@@ -89,7 +89,11 @@ def make_synthetic(num_samples: int, num_classes: int = 10, image_size: int = 8,
     shape = (channels, image_size, image_size)
     prototypes = rng.normal(0.0, 1.0, (num_classes, *shape))
     y = rng.integers(0, num_classes, num_samples)
-    x = (prototypes[y] + rng.normal(0.0, noise, (num_samples, *shape))).astype(np.float32)
+    x = np.empty((num_samples, *shape), dtype=np.float32)
+    chunk = 4096  # the float64 draws in pieces (the same stream, so the same values)
+    for i in range(0, num_samples, chunk):
+        n = min(chunk, num_samples - i)
+        x[i:i + n] = prototypes[y[i:i + n]] + rng.normal(0.0, noise, (n, *shape))
     return ArrayData(x, y.astype(np.int64))
 
 
