@@ -24,6 +24,7 @@ from fedslim.compression.spec import PipelineSpec
 from fedslim.config_enums import (
     Augment,
     DevicePref,
+    ErrorFeedbackMode,
     Layout,
     Normalize,
     Optimizer,
@@ -233,8 +234,11 @@ class CompressionConfig:
         "shared-init", "With a compressing `downlink`, nodes build the seeded round-0 model "
         "themselves (checked by CRC) instead of downloading it. fedslim's ClientApp can; "
         "set false for a ClientApp whose compression_mod has no `initial_state`."))
-    error_feedback: bool = field(default=True, metadata=key(
-        "error-feedback", "Clients add what compression dropped to their next update."))
+    error_feedback: ErrorFeedbackMode = field(default=ErrorFeedbackMode.AUTO, metadata=key(
+        "error-feedback", "Clients add what compression dropped to their next update: "
+        "`true`, `false`, or `auto` = true with full participation (fraction-train = 1), "
+        "false with partial participation (measured no better at 1% per round, and it "
+        "costs a model-sized residual per client)."))
     spill_client_state: bool = field(default=True, metadata=key(
         "spill-client-state", "fedslim's ClientApp keeps its copy of the global model and "
         "its residual in files under output-dir/client-state instead of Flower's node "

@@ -32,6 +32,20 @@ class ServerOpt(enum.StrEnum):
     ADAM = "adam"    # FedAdam
 
 
+class ErrorFeedbackMode(enum.StrEnum):
+    """``error-feedback``: ``auto`` = on with full participation (``fraction-train=1``),
+    off with partial participation, where a client's residual is rarely sent and stale when
+    it is (measured: docs/scaling.md), but still costs a model-sized file per client."""
+
+    AUTO = "auto"
+    ON = "true"
+    OFF = "false"
+
+    def enabled(self, fraction_train: float) -> bool:
+        return self is ErrorFeedbackMode.ON or (
+            self is ErrorFeedbackMode.AUTO and fraction_train >= 1.0)
+
+
 class Teacher(enum.StrEnum):
     ENSEMBLE = "ensemble"  # mean logits of the participating clients' models
     GLOBAL = "global"      # the aggregated global model

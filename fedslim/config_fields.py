@@ -72,6 +72,8 @@ def _choice(key: str, value: Any, typ: type[enum.Enum]) -> enum.Enum:
     allowed = [m.value for m in typ]
     if isinstance(value, typ):
         return value
+    if isinstance(value, bool) and {"true", "false"} <= set(allowed):  # a TOML boolean
+        value = str(value).lower()
     if isinstance(value, str) and value in allowed:
         return typ(value)
     raise ConfigError(f"run-config key {key!r}: got {value!r}; allowed values: {allowed}")

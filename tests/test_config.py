@@ -91,3 +91,13 @@ def test_cli_override_parsing():
 def test_flat_round_trip():
     cfg = parse_run_config({"augment": "noise+shift", "optimizer": "adam"})
     assert parse_run_config(cfg.to_flat()) == cfg
+
+
+def test_error_feedback_auto_is_on_only_with_full_participation():
+    from fedslim.config_enums import ErrorFeedbackMode
+
+    assert parse_run_config({}).comp.error_feedback is ErrorFeedbackMode.AUTO
+    for value, full, partial in ((True, True, True), (False, False, False),
+                                 ("auto", True, False)):
+        mode = parse_run_config({"error-feedback": value}).comp.error_feedback
+        assert (mode.enabled(1.0), mode.enabled(0.01)) == (full, partial), value

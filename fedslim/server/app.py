@@ -99,7 +99,8 @@ def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
                     reject_ratio=cfg.comp.defence_reject_ratio, collector=collector)
     compressed = Compressed(
         inner, uplink=cfg.comp.uplink, downlink=cfg.comp.downlink_spec,
-        error_feedback=cfg.comp.error_feedback, warmup_rounds=cfg.comp.warmup_rounds,
+        error_feedback=cfg.comp.error_feedback.enabled(cfg.fed.fraction_train),
+        warmup_rounds=cfg.comp.warmup_rounds,
         seed=cfg.fed.seed, collector=collector,
         # fedslim's ClientApp builds the seeded round-0 model itself (not after a resume)
         shared_init=cfg.comp.shared_init and round_offset == 0,
