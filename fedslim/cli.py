@@ -96,6 +96,10 @@ def _run(cfg: RunConfig, overrides: dict[str, Any], num_clients: int, cpus_per_c
     # Ray's "will no longer override accelerator env vars" FutureWarning: opt in to the
     # future behaviour (nothing is lent a GPU unless asked) and keep the console quiet.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Large tensors on transparent huge pages in the ClientApp processes (PyTorch reads
+    # this when a process starts): a fresh model-sized buffer faults in 2 MB pages, not
+    # 4 kB ones (encoding a 10M-parameter update: 105 ms -> 24 ms in the codec).
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     with framework_logs(outdir / FRAMEWORK_LOG, cfg.fed.verbose):
         from flwr.simulation import run_simulation
 

@@ -238,7 +238,7 @@ def _error_feedback(context: Context, head: DownlinkHeader, path: Path | None
                  and (r := _file_round(f, head.lineage)) is not None and r < head.server_round]
         if found and _fresh(head, max(found)[0]):
             try:
-                return ErrorFeedback.from_state(load_file(str(max(found)[1])))
+                return ErrorFeedback.from_state(load_file(str(max(found)[1])), copy=False)
             except Exception as exc:
                 log.warning("ignoring error-feedback file %s: %s", max(found)[1], exc)
     return ErrorFeedback()  # a new run (old residuals do not apply), or a stale residual
@@ -259,7 +259,7 @@ def _persist(ef: ErrorFeedback, path: Path | None, head: DownlinkHeader) -> None
             written = _file_round(path, head.lineage)
             if written is not None and written < head.server_round:
                 os.replace(path, _previous(path))
-        save_model(path, ef.state_dict(), {"lineage": str(head.lineage),
+        save_model(path, ef.residuals(), {"lineage": str(head.lineage),
                                            "round": str(head.server_round)},
                    durable=False)  # (lost on a power cut: the residual restarts at zero)
     except OSError as exc:  # no place to keep it: resuming will start it from zero

@@ -30,8 +30,12 @@ class ErrorFeedback:
 
     @classmethod
     def from_state(cls, state: Mapping[str, torch.Tensor],
-                   device: str | torch.device | None = None) -> ErrorFeedback:
+                   device: str | torch.device | None = None, copy: bool = True
+                   ) -> ErrorFeedback:
         """Rebuild from :meth:`state_dict` output (optionally moving residuals to ``device``).
+
+        ``copy=False`` adopts the tensors themselves when no conversion is needed (for a
+        state nobody else holds, e.g. just loaded from a file): no model-sized copy.
 
         Raises
         ------
@@ -43,9 +47,11 @@ class ErrorFeedback:
             if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
                 raise DecodeError(f"error-feedback state {name!r} is not a float tensor")
             residual = value.detach().to(device=device, dtype=torch.float32)
-            if residual.numel() and not bool(torch.isfinite(residual).all()):
+            # A float64 sum is finite iff every entry is (float32 values cannot overflow it).
+            if residual.numel() and not bool(torch.isfinite(
+                    residual.sum(dtype=torch.float64))):
                 raise DecodeError(f"error-feedback state {name!r} holds NaN/Inf")
-            ef._residual[str(name)] = residual.clone()
+            ef._residual[str(name)] = residual.clone() if copy else residual
         return ef
 
     def apply(self, update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -95,6 +101,10 @@ class ErrorFeedback:
     def reset(self) -> None:
         """Forget all residuals (e.g. when the model architecture changes)."""
         self._residual.clear()
+
+    def residuals(self) -> dict[str, torch.Tensor]:
+        """The residuals themselves (no copy; read-only: e.g. to serialize them)."""
+        return dict(self._residual)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Residuals as CPU float32 tensors keyed by tensor name (fit for an ArrayRecord)."""
