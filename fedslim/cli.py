@@ -100,6 +100,7 @@ def _run(cfg: RunConfig, overrides: dict[str, Any], num_clients: int, cpus_per_c
     # this when a process starts): a fresh model-sized buffer faults in 2 MB pages, not
     # 4 kB ones (encoding a 10M-parameter update: 105 ms -> 24 ms in the codec).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    _keep_our_sigterm_handler()
     with framework_logs(outdir / FRAMEWORK_LOG, cfg.fed.verbose):
         from flwr.simulation import run_simulation
 
@@ -111,6 +112,18 @@ def _run(cfg: RunConfig, overrides: dict[str, Any], num_clients: int, cpus_per_c
             num_supernodes=num_clients,
             backend_config=simulation_backend_config(
                 cpus_per_client, gpus_per_client, cfg.fed.verbose))
+
+
+def _keep_our_sigterm_handler() -> None:
+    """``ray.init`` replaces the process's SIGTERM handler with ``sys.exit``, which ends
+    nothing while Flower's ServerApp thread waits (the run went on after a SIGTERM). Ray
+    installs it through one helper; make that helper leave ours in place."""
+    try:
+        import ray._private.utils as ray_utils
+    except ImportError:  # no Ray: nothing replaces our handler
+        return
+    if hasattr(ray_utils, "set_sigterm_handler"):
+        ray_utils.set_sigterm_handler = lambda handler: None
 
 
 def _interrupted(tag: str, outdir: Path) -> NoReturn:
@@ -181,7 +194,7 @@ def simulate(
     os.environ[TAG_ENV] = tag  # every process Ray starts inherits it: how we find them
     # The handler stops everything itself: a KeyboardInterrupt raised inside Flower's
     # simulation loop leaves its ServerApp thread waiting and the process hanging.
-    # (Ray installs its own SIGTERM handler when it starts; SIGINT stays ours.)
+    # (ray.init would replace the SIGTERM one: see _keep_our_sigterm_handler.)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: _interrupted(tag, outdir))
     try:

@@ -96,7 +96,10 @@ def test_main_job_prints_a_line_per_round_and_one_summary(tmp_path):
 
 
 @pytest.mark.e2e
-def test_ctrl_c_stops_the_whole_simulation_at_once(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_whole_simulation_at_once(tmp_path, sig):
+    """One Ctrl-C (or a launcher's SIGTERM, which Ray would otherwise take over) stops
+    every process of the run at once, exit 130, no traceback."""
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedslim.cli", "simulate", "--num-clients", "3", "--rounds",
@@ -107,7 +110,7 @@ def test_ctrl_c_stops_the_whole_simulation_at_once(tmp_path):
         while time.monotonic() < deadline and not _rounds_done(out):
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)  # one Ctrl-C
+        proc.send_signal(sig)  # one Ctrl-C / one SIGTERM
         stdout, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
