@@ -36,7 +36,10 @@ from fedslim.bench import plots
 from fedslim.bench.runner import simulate_subprocess
 
 _MOMENTUM = {"server-opt": "avgm", "server-momentum": 0.5}
-_UP = {"uplink": "topk:0.01|q:4", **_MOMENTUM}
+# Explicit, so a setting means the same under partial participation, where the default
+# (`error-feedback=auto`) turns client error feedback off.
+_EF = {"error-feedback": True}
+_UP = {"uplink": "topk:0.01|q:4", **_MOMENTUM, **_EF}
 _ONE_WAY = {"downlink": "none"}
 
 # Fixed in advance (not tuned on test). The first block compresses the uplink only (the
@@ -47,15 +50,16 @@ BASELINE = "none (FedAvg)"
 SETTINGS: dict[str, dict[str, Any]] = {
     "none (FedAvg)": {"uplink": "none"},
     "q:8": {"uplink": "q:8", **_ONE_WAY},
-    "topk 1% + q4 (EF)": {"uplink": "topk:0.01|q:4", **_ONE_WAY},
-    "topk 1% + q4, warm-up 4": {"uplink": "topk:0.01|q:4", "warmup-rounds": 4, **_ONE_WAY},
+    "topk 1% + q4 (EF)": {"uplink": "topk:0.01|q:4", **_EF, **_ONE_WAY},
+    "topk 1% + q4, warm-up 4": {"uplink": "topk:0.01|q:4", "warmup-rounds": 4, **_EF,
+                                **_ONE_WAY},
     "topk 1% + q4, server momentum": {**_UP, **_ONE_WAY},
     "topk 1% + q4, no EF": {"uplink": "topk:0.01|q:4", "error-feedback": False,
                             **_ONE_WAY},
     # Error feedback under partial participation (issue 16): a rarely sampled client's
     # residual is stale; drop it after N rounds away, drop EF, or keep memory on the server.
     "topk 1% + q4, EF reset after 10": {"uplink": "topk:0.01|q:4", "ef-reset-after": 10,
-                                        **_ONE_WAY},
+                                        **_EF, **_ONE_WAY},
     "topk 1% + q4, no EF, server momentum": {**_UP, "error-feedback": False, **_ONE_WAY},
     "topk 1% + q4, no EF, server momentum 0.9": {**_UP, "error-feedback": False,
                                                  "server-momentum": 0.9, **_ONE_WAY},
