@@ -236,9 +236,9 @@ class CompressionConfig:
         "set false for a ClientApp whose compression_mod has no `initial_state`."))
     error_feedback: ErrorFeedbackMode = field(default=ErrorFeedbackMode.AUTO, metadata=key(
         "error-feedback", "Clients add what compression dropped to their next update: "
-        "`true`, `false`, or `auto` = true with full participation (fraction-train = 1), "
-        "false with partial participation (measured no better at 1% per round, and it "
-        "costs a model-sized residual per client)."))
+        "`true`, `false`, or `auto` = true when fraction-train >= 0.1, false below (measured "
+        "to help at 100% and 10% per round, no better at 1%, where it still costs a "
+        "model-sized residual per client)."))
     spill_client_state: bool = field(default=True, metadata=key(
         "spill-client-state", "fedslim's ClientApp keeps its copy of the global model and "
         "its residual in files under output-dir/client-state instead of Flower's node "
