@@ -105,19 +105,20 @@ def _held(context: Context, stream: int, spill: Path | None = None
 def _keep_global(context: Context, head: DownlinkHeader, state: State,
                  spill: Path | None) -> None:
     meta: dict[str, int] = {"stream": head.stream, "version": head.version}
+    spilled = False
     if spill is not None:
         try:
             token = secrets.randbits(62)
             save_model(_global_file(spill, context), state, {"token": str(token)},
                        durable=False)  # (lost on a power cut: the server resends)
-            meta["file-token"] = token
-            if STATE_GLOBAL in context.state:
-                del context.state[STATE_GLOBAL]
-            context.state[STATE_META] = ConfigRecord(meta)  # type: ignore[arg-type]
-            return
+            meta["file-token"], spilled = token, True
         except OSError as exc:  # no room on disk: keep it in memory instead
             log.warning("cannot spill the global model to %s: %s", spill, exc)
-    context.state[STATE_GLOBAL] = state_record(state)
+    if spilled:
+        if STATE_GLOBAL in context.state:
+            del context.state[STATE_GLOBAL]
+    else:
+        context.state[STATE_GLOBAL] = state_record(state)
     context.state[STATE_META] = ConfigRecord(meta)  # type: ignore[arg-type]
 
 
