@@ -1,6 +1,7 @@
 """``python -m fedslim.deploy``: a SuperLink and N SuperNodes on loopback, one run, cleanup.
 
     python -m fedslim.deploy --num-clients 4 --rounds 3 -c local-epochs=1 --output-dir out/dep
+    python -m fedslim.deploy --tls ...      # the same over TLS (a fresh CA per deployment)
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def deploy(
     restart_nodes: Annotated[bool, typer.Option(
         "--restart-nodes", help="Start a SuperNode again when it dies (default: go on "
         "with the others while min-train-nodes remain).")] = False,
+    tls: Annotated[bool, typer.Option(
+        "--tls", help="Every API over TLS: a fresh CA and SuperLink certificate in "
+        "<workdir>/certs; SuperNodes and flwr verify it.")] = False,
 ) -> None:
     """Run fedslim on a local SuperLink + SuperNodes (real processes, 127.0.0.1)."""
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
@@ -65,7 +69,7 @@ def deploy(
         outdir = Path(str(send["output-dir"]))
         work = (workdir or outdir / "deploy").resolve()
         results = run_local_deployment(num_clients, overrides, app,
-                                       work, timeout, restart_nodes)
+                                       work, timeout, restart_nodes, tls)
     except ConfigError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

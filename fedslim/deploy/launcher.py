@@ -3,7 +3,8 @@
 Unlike ``fedslim simulate`` (Flower's simulation engine, one process plus Ray), this starts
 the same processes a multi-machine deployment runs, talking over loopback:
 
-1. ``flower-superlink --insecure`` (deployment mode) on a free ``127.0.0.1`` port. In
+1. ``flower-superlink --insecure`` (deployment mode) on a free ``127.0.0.1`` port (with
+   ``tls=True``: ``--ssl-*`` with a certificate from :mod:`fedslim.deploy.certs`). In
    Flower 1.41 one HTTP port serves the Fleet API (SuperNodes), the Control API (``flwr``)
    and the Runtime API (the ServerApp process).
 2. ``flower-supernode --insecure --superlink 127.0.0.1:<port> --node-config
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -30,7 +32,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 from rich.console import Console
@@ -45,6 +47,9 @@ from fedslim.preflight import (
     check_output_dir,
 )
 from fedslim.protocol import RESULTS_FILE
+
+if TYPE_CHECKING:  # imported when needed: `python -m fedslim.deploy.certs` runs it as main
+    from fedslim.deploy.certs import CertPaths
 
 __all__ = ["CONNECTION", "DeployError", "LocalDeployment", "default_app_dir",
            "run_local_deployment"]
@@ -127,10 +132,13 @@ class LocalDeployment:
         Holds ``logs/`` (one file per process), ``flwr_home/`` and the run-config file.
     console
         Where status goes (stderr by default).
+    tls
+        Serve every API over TLS: a fresh CA and SuperLink certificate in ``workdir/certs``
+        (:mod:`fedslim.deploy.certs`); SuperNodes and ``flwr`` verify it against the CA.
     """
 
     def __init__(self, num_clients: int, workdir: Path, console: Console | None = None,
-                 min_nodes: int = 1, restart_nodes: bool = False) -> None:
+                 min_nodes: int = 1, restart_nodes: bool = False, tls: bool = False) -> None:
         if num_clients < 1:
             raise DeployError(f"num_clients must be >= 1, got {num_clients}")
         self.num_clients = num_clients
@@ -143,6 +151,8 @@ class LocalDeployment:
         self.flwr_home = self.workdir / "flwr_home"
         self.console = console or Console(stderr=True)
         self.port = 0
+        self.tls = tls
+        self.certs: CertPaths | None = None
         self.timings: dict[str, float] = {}  # phase -> seconds, for reports and docs
         self.env = self._environment()
         self.procs = ProcessSet(tag=str(self.workdir), log_dir=self.log_dir, cwd=self.workdir,
@@ -205,9 +215,19 @@ class LocalDeployment:
         t0 = time.monotonic()
         self.port, *node_ports = free_ports(1 + self.num_clients)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            from fedslim.deploy.certs import make_certificates
+
+            self.certs = make_certificates(self.workdir / "certs", force=True)
+            link_security = ["--ssl-ca-certfile", str(self.certs.ca_cert),
+                             "--ssl-certfile", str(self.certs.server_cert),
+                             "--ssl-keyfile", str(self.certs.server_key)]
+            node_security = ["--root-certificates", str(self.certs.ca_cert)]
+        else:
+            link_security = node_security = ["--insecure"]
         self._write_flwr_config()
         self.procs.start(SUPERLINK, [
-            _executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
+            _executable("flower-superlink"), *link_security, "--host", "127.0.0.1",
             "--port", str(self.port), "--disable-runtime-dependency-installation"])
         self._wait_for_health(deadline)
         self.timings["superlink"] = time.monotonic() - t0
@@ -215,7 +235,7 @@ class LocalDeployment:
         for i, node_port in enumerate(node_ports):
             name = f"supernode-{i}"
             self.node_args[name] = ([
-                _executable("flower-supernode"), "--insecure",
+                _executable("flower-supernode"), *node_security,
                 "--superlink", f"127.0.0.1:{self.port}",
                 "--node-config", f"partition-id={i} num-partitions={self.num_clients}",
                 "--host", "127.0.0.1", "--port", str(node_port)],
@@ -228,17 +248,24 @@ class LocalDeployment:
         self.timings["start"] = time.monotonic() - t0
 
     def _write_flwr_config(self) -> None:
-        config = {"superlink": {"default": CONNECTION, CONNECTION: {
-            "address": f"127.0.0.1:{self.port}", "insecure": True}}}
+        connection: dict[str, PathValue] = {"address": f"127.0.0.1:{self.port}"}
+        if self.certs is not None:
+            connection["root-certificates"] = str(self.certs.ca_cert)
+        else:
+            connection["insecure"] = True
+        config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
         (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config))
 
     def _wait_for_health(self, deadline: float) -> None:
-        url = f"http://127.0.0.1:{self.port}/health"
+        scheme = "https" if self.certs is not None else "http"
+        url = f"{scheme}://127.0.0.1:{self.port}/health"
+        context = (ssl.create_default_context(cafile=str(self.certs.ca_cert))
+                   if self.certs is not None else None)
         with self.console.status(f"starting SuperLink on 127.0.0.1:{self.port}"):
             while True:
                 self.procs.check_alive([SUPERLINK])
                 try:
-                    with urllib.request.urlopen(url, timeout=2) as resp:
+                    with urllib.request.urlopen(url, timeout=2, context=context) as resp:
                         if resp.status == 200:
                             return
                 except (urllib.error.URLError, OSError):
@@ -264,8 +291,9 @@ class LocalDeployment:
                 self._check_deadline(deadline, f"{self.num_clients} SuperNodes to connect "
                                      f"({online} online)")
                 time.sleep(0.5)
-        self.console.print(f"[green]SuperLink 127.0.0.1:{self.port}, {self.num_clients} "
-                           "SuperNodes online[/green]", soft_wrap=True)
+        secured = "TLS" if self.certs is not None else "insecure"
+        self.console.print(f"[green]SuperLink 127.0.0.1:{self.port} ({secured}), "
+                           f"{self.num_clients} SuperNodes online[/green]", soft_wrap=True)
 
     def run(self, app_dir: Path, send: Mapping[str, PathValue], results: Path,
             deadline: float) -> Path:
@@ -332,7 +360,7 @@ class LocalDeployment:
 
 def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
                          app_dir: Path, workdir: Path, timeout: float,
-                         restart_nodes: bool = False) -> Path:
+                         restart_nodes: bool = False, tls: bool = False) -> Path:
     """Run the app on a SuperLink + ``num_clients`` SuperNodes (real processes, loopback).
 
     Parameters
@@ -351,6 +379,8 @@ def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
     restart_nodes
         Start a SuperNode again if it dies; otherwise the run goes on with the others
         while at least ``min-train-nodes`` remain (the loss is reported).
+    tls
+        Every API over TLS with a fresh CA (see :class:`LocalDeployment`).
 
     Returns
     -------
@@ -373,7 +403,7 @@ def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
     results = Path(str(send["output-dir"])) / RESULTS_FILE
     deadline = time.monotonic() + timeout
     dep = LocalDeployment(num_clients, workdir, min_nodes=cfg.fed.min_train_nodes,
-                          restart_nodes=restart_nodes)
+                          restart_nodes=restart_nodes, tls=tls)
     with dep:
         dep.console.print(f"logs: {dep.log_dir}", soft_wrap=True)
         dep.start(deadline)

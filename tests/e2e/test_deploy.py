@@ -42,14 +42,15 @@ def _kill_leftovers(tag: str) -> list[int]:
     return left
 
 
-def test_three_supernodes_two_rounds_on_loopback(tmp_path: Path) -> None:
+def test_three_supernodes_two_rounds_on_loopback_over_tls(tmp_path: Path) -> None:
+    """Every API over TLS (a fresh CA); the insecure path runs in the kill -9 test below."""
     workdir = tmp_path / "deploy"
     outdir = tmp_path / "out"
     try:
         results = run_local_deployment(
             3, {"num-server-rounds": 2, "output-dir": str(outdir), "progress": False,
                 "local-epochs": 1},
-            app_dir=ROOT, workdir=workdir, timeout=400)
+            app_dir=ROOT, workdir=workdir, timeout=400, tls=True)
     finally:
         left = _kill_leftovers(str(workdir.resolve()))
     assert left == [], f"processes left running: {left}"
@@ -62,6 +63,9 @@ def test_three_supernodes_two_rounds_on_loopback(tmp_path: Path) -> None:
     logs = {p.name for p in (workdir / "logs").iterdir()}
     assert logs == {"superlink.log", "flwr-run.log", "supernode-0.log", "supernode-1.log",
                     "supernode-2.log"}
+    connection = (workdir / "flwr_home" / "config.toml").read_text()
+    assert "root-certificates" in connection and "insecure" not in connection
+    assert "--insecure" not in (workdir / "logs" / "superlink.log").read_text()
 
 
 def test_failed_run_names_the_log_and_stops_everything(tmp_path: Path) -> None:
@@ -129,8 +133,10 @@ def _compose_command() -> list[str] | None:
 
 
 @pytest.mark.slow
-def test_compose_deployment(tmp_path: Path) -> None:
-    """docker/compose.yaml: build, 3 SuperNodes, a 2-round run. Opt-in: it builds a ~2 GB
+@pytest.mark.parametrize("compose_file", ["compose.yaml", "compose.tls.yaml"])
+def test_compose_deployment(tmp_path: Path, compose_file: str) -> None:
+    """docker/compose.yaml (plain) and compose.tls.yaml (every API over TLS): build, 3
+    SuperNodes, a 2-round run, as the image's unprivileged user. Opt-in: it builds a ~2 GB
     image. Set FEDSLIM_TEST_COMPOSE=1 (and BASE_IMAGE if python:3.11-slim cannot be
     pulled; docker/wheels/ for an offline build); see docs/deployment.md."""
     if os.environ.get("FEDSLIM_TEST_COMPOSE") != "1":
@@ -140,9 +146,10 @@ def test_compose_deployment(tmp_path: Path) -> None:
         pytest.skip("no podman-compose/podman or docker compose with a running engine")
     out = tmp_path / "outputs"
     out.mkdir()
+    out.chmod(0o777)  # docs/deployment.md: writable for the containers' user (uid 10001)
     env = dict(os.environ, FEDSLIM_OUTPUTS=str(out))
     project = f"fedslim-test-{os.getpid()}"
-    base = [*compose, "-p", project, "-f", "compose.yaml"]
+    base = [*compose, "-p", project, "-f", compose_file]
 
     def run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*base, *args], cwd=COMPOSE_DIR, env=env, capture_output=True,
@@ -155,14 +162,19 @@ def test_compose_deployment(tmp_path: Path) -> None:
             proc = run(*step)
             assert proc.returncode == 0, f"{step}: {proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     finally:
-        run("down", timeout=300)
+        run("down", "-v", timeout=300)  # -v: the TLS file's certificate volume too
         if compose == ["podman-compose"]:  # podman-compose 1.0 leaves the network behind
             subprocess.run(["podman", "network", "rm", "-f", f"{project}_default"],
                            capture_output=True, timeout=60)
-    res = json.loads((out / "results.json").read_text())
+    results = out / "results.json"
+    res = json.loads(results.read_text())
     assert [r["round"] for r in res["rounds"]] == [1, 2]
     assert all(r["replies"] == 3 for r in res["rounds"])
     assert res["final"]["test_accuracy"] > 0.2
+    # Written by the unprivileged user, readable by anyone (not root:root 0600).
+    assert results.stat().st_uid == 10001 and results.stat().st_mode & 0o044 == 0o044
+    # (compose.tls.yaml: the SuperNodes and `flwr run` are configured with
+    # --root-certificates / root-certificates only, so finishing proves TLS worked.)
 
 
 def _deadline(seconds: float) -> float:
