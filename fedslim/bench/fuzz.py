@@ -105,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     update = {k: torch.randn_like(v) * 0.01 for k, v in state.items()}
     schema = {k: tuple(v.shape) for k, v in update.items()}
     limit = sum(v.numel() for v in update.values())
-    seeds_by_spec = {s: encode_update(update, s) for s in SPECS}
-    seeds = list(seeds_by_spec.values())
-    expected = {payload: parse_spec(s) for s, payload in seeds_by_spec.items()}
+    # Every pipeline, self-describing and schema-bound (compact records, names from the
+    # receiver's schema: what fedslim's own client and server send).
+    expected = {encode_update(update, s, schema_bound=bound): parse_spec(s)
+                for s in SPECS for bound in (False, True)}
+    seeds = list(expected)
     rng = np.random.default_rng(args.seed)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     counts = {"decoded": 0, "typed": 0, "other": 0, "slow": 0}

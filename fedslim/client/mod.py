@@ -186,6 +186,11 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader,
     return state
 
 
+def _one_dtype(tensors: State) -> bool:
+    """Whether a schema-bound payload can carry these (it has one source dtype)."""
+    return len({t.dtype for t in tensors.values()}) <= 1
+
+
 def _node_key(context: Context) -> int:
     pid = context.node_config.get(PARTITION_ID)
     return pid if isinstance(pid, int) and not isinstance(pid, bool) else int(context.node_id)
@@ -300,8 +305,10 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
         warm = context.state.array_records.get(STATE_LOWRANK)
         lowrank_state = None if spec.lowrank is None else (
             to_state(warm) if warm is not None else {})
+        # Schema-bound: the server holds the model, so names and shapes stay home.
         payload, sent = encode_update(update, spec, generator=gen, return_reconstruction=True,
-                                      max_bytes=room, lowrank_state=lowrank_state)
+                                      max_bytes=room, lowrank_state=lowrank_state,
+                                      schema_bound=_one_dtype(update))
         if lowrank_state:  # PowerSGD's warm start for the next round
             context.state[STATE_LOWRANK] = ArrayRecord(lowrank_state)
         if ef is not None:

@@ -14,6 +14,7 @@ better model than their histogram. It is what the ``ans`` stage is measured agai
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,9 +84,11 @@ def _codes(rec: TensorRecord) -> np.ndarray:
     return unpack_codes(rec.values, rec.bits, rec.count, rec.name)
 
 
-def payload_stats(payload: bytes, max_elements: int = 1 << 31) -> PayloadStats:
-    """Measure a payload produced by ``encode_update`` (it is parsed and validated)."""
-    _, records = read_payload(payload, max_elements)
+def payload_stats(payload: bytes, max_elements: int = 1 << 31,
+                  schema: Mapping[str, tuple[int, ...]] | None = None) -> PayloadStats:
+    """Measure a payload produced by ``encode_update`` (it is parsed and validated; a
+    schema-bound one needs the ``schema`` it was encoded for)."""
+    _, records = read_payload(payload, max_elements, schema=schema)
     bound = entropy_bound = 0.0
     values_bytes, values_entropy = 0, 0.0
     for rec in records:

@@ -122,7 +122,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   generator: torch.Generator | None = ...,
                   return_reconstruction: Literal[False] = ...,
                   max_bytes: int | None = ...,
-                  lowrank_state: dict[str, torch.Tensor] | None = ...) -> bytes: ...
+                  lowrank_state: dict[str, torch.Tensor] | None = ...,
+                  schema_bound: bool = ...) -> bytes: ...
 
 
 @overload
@@ -130,7 +131,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   generator: torch.Generator | None = ...,
                   return_reconstruction: Literal[True],
                   max_bytes: int | None = ...,
-                  lowrank_state: State | None = ...) -> tuple[bytes, State]:
+                  lowrank_state: State | None = ...,
+                  schema_bound: bool = ...) -> tuple[bytes, State]:
     ...
 
 
@@ -139,7 +141,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   generator: torch.Generator | None = ...,
                   return_reconstruction: bool,
                   max_bytes: int | None = ...,
-                  lowrank_state: State | None = ...) -> bytes | tuple[bytes, State]:
+                  lowrank_state: State | None = ...,
+                  schema_bound: bool = ...) -> bytes | tuple[bytes, State]:
     ...
 
 
@@ -147,7 +150,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   generator: torch.Generator | None = None,
                   return_reconstruction: bool = False,
                   max_bytes: int | None = None,
-                  lowrank_state: dict[str, torch.Tensor] | None = None
+                  lowrank_state: dict[str, torch.Tensor] | None = None,
+                  schema_bound: bool = False
                   ) -> bytes | tuple[bytes, dict[str, torch.Tensor]]:
     """Encode a model update (name -> tensor) into one self-describing payload.
 
@@ -169,6 +173,11 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
     lowrank_state : dict, optional
         With a ``lowrank:`` spec, each factorised tensor's ``Q`` from the last call (its
         warm start); updated in place. Without it every call starts from a random ``Q``.
+    schema_bound : bool
+        Leave tensor names, dtypes and shapes out (a 4-byte digest of the sorted (name,
+        shape) list instead) and every length the record's fields imply: for a receiver
+        that holds the model, which must pass ``schema=`` to :func:`decode_update`. All
+        tensors must then share one dtype.
 
     Raises
     ------
@@ -189,17 +198,17 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                    if not _is_passthrough(spec, p.flat.numel()))
         payload, recon = encode_within(
             lambda k: encode_prepared(prepared, spec, TopKConfig(count=k, scope=Scope.GLOBAL),
-                                      generator, return_reconstruction, None),
+                                      generator, return_reconstruction, None, schema_bound),
             limit, pool, spec)
         return (payload, recon) if return_reconstruction else payload
     payload, recon = encode_prepared(prepared, spec, spec.topk, generator,
-                                     return_reconstruction, lowrank_state)
+                                     return_reconstruction, lowrank_state, schema_bound)
     return (payload, recon) if return_reconstruction else payload
 
 
 def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec, select: TopKConfig | None,
                     generator: torch.Generator | None, return_reconstruction: bool,
-                    lowrank_state: dict[str, torch.Tensor] | None
+                    lowrank_state: dict[str, torch.Tensor] | None, schema_bound: bool = False
                     ) -> tuple[bytes, dict[str, torch.Tensor]]:
     """The payload (and reconstruction, if asked) with selection ``select``."""
     selected: dict[str, torch.Tensor] = {}
@@ -245,7 +254,8 @@ def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec, select: TopKC
             if sent.numel() and sent.data_ptr() == p.tensor.data_ptr():
                 sent = sent.clone()  # lossless path: never hand back an alias of the input
             recon[p.name] = sent.view(p.tensor.shape)
-    return write_payload(str(spec), records, spec.zstd.level if spec.zstd else None), recon
+    return write_payload(str(spec), records, spec.zstd.level if spec.zstd else None,
+                         schema_bound), recon
 
 
 def _rank_of(spec: PipelineSpec, shape: tuple[int, ...], numel: int) -> int:

@@ -93,7 +93,9 @@ class Downlink:
         if self.compress:
             keys = float_keys(self.state)
             wanted = self.ef.apply({k: target[k].float() - self.state[k] for k in keys})
-            payload, sent = encode_update(wanted, self.spec, return_reconstruction=True)
+            # Schema-bound: every node holds the model (all float32 here).
+            payload, sent = encode_update(wanted, self.spec, return_reconstruction=True,
+                                          schema_bound=True)
             self.ef.record(wanted, sent)
             self.steps.append(payload)
             new = apply_delta(self.state, sent)

@@ -148,7 +148,7 @@ NAN4 = np.array([np.nan], "<f4").view(np.uint8)
 CASES = {
     "bad magic": _corrupt_header(0, b"XXXX"),
     "unsupported wire version": _corrupt_header(4, b"\x02\x00"),
-    "unknown flags": _corrupt_header(6, b"\x01\x00"),
+    "unknown flags": _corrupt_header(6, b"\x02\x00"),
     "shorter than the 20-byte header": VALID[:10],
     "truncated: header says": VALID[:-1],
     "trailing bytes: header says": VALID + b"\x00",
