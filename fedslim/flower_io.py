@@ -13,12 +13,12 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedslim.compression import WIRE_STYPE
-from fedslim.errors import DecodeError
-from fedslim.protocol import PAYLOAD_ARRAY
+from fedslim.errors import DecodeError, UpdateRejected
+from fedslim.protocol import PAYLOAD, PAYLOAD_ARRAY
 
 
 def payload_record(payload: bytes) -> ArrayRecord:
@@ -36,6 +36,76 @@ def payload_from_record(record: ArrayRecord, where: str) -> bytes:
     if arr.stype != WIRE_STYPE:
         raise DecodeError(f"{where}: array stype is {arr.stype!r}, expected {WIRE_STYPE!r}")
     return bytes(arr.data)
+
+
+COMPACT_MAX = 1 << 16
+"""Payloads (uplink header included) up to this size travel in the compact form."""
+COMPACT_DATA = "fedslim.h"    # compact form: header + payload (bytes)
+COMPACT_NAME = "fedslim.m"    # compact form: the MetricRecord's name, if not "metrics"
+_RESERVED = "fedslim."
+_METRICS = "metrics"
+
+
+def fold_reply(content: RecordDict, data: bytes) -> bool:
+    """Put a train reply's payload ``data`` and its one MetricRecord into ONE ConfigRecord
+    (``content[PAYLOAD]``), in place; False (content untouched) if it does not qualify.
+
+    Flower serializes each record, array and chunk as its own object, named by a 64-hex-
+    digit id in its parent: an ArrayRecord + Array + chunk + MetricRecord cost ~0.78 kB of
+    envelope around a small payload, one ConfigRecord ~0.3 kB. Qualifies when ``data`` is
+    at most :data:`COMPACT_MAX` bytes, the reply has exactly one MetricRecord and no metric
+    name starts with ``fedslim.``. :func:`unfold_reply` restores the usual records.
+    """
+    metrics = list(content.metric_records.items())
+    if len(data) > COMPACT_MAX or len(metrics) != 1 or PAYLOAD in content:
+        return False
+    name, record = metrics[0]
+    if any(key.startswith(_RESERVED) for key in record):
+        return False
+    entries: dict[str, object] = {COMPACT_DATA: data}
+    if name != _METRICS:
+        entries[COMPACT_NAME] = name
+    entries.update(record)
+    del content[name]
+    content[PAYLOAD] = ConfigRecord(entries)  # type: ignore[arg-type]
+    return True
+
+
+def unfold_reply(content: RecordDict, who: str) -> None:
+    """Undo :func:`fold_reply` in place (an untrusted reply: every entry is checked):
+    ``content[PAYLOAD]`` becomes the payload ArrayRecord again, the rest a MetricRecord.
+    A reply that is not in the compact form is left as it is."""
+    record = content.config_records.get(PAYLOAD)
+    if record is None:
+        return
+    if content.metric_records:
+        raise UpdateRejected(f"{who}: compact reply also carries a MetricRecord")
+    data = record.get(COMPACT_DATA)
+    if not isinstance(data, bytes) or not 0 < len(data) <= COMPACT_MAX:
+        raise UpdateRejected(f"{who}: compact reply's {COMPACT_DATA!r} is not 1..{COMPACT_MAX}"
+                             " bytes")
+    name = record.get(COMPACT_NAME, _METRICS)
+    if not isinstance(name, str) or not 0 < len(name) <= 128 or name.startswith(_RESERVED) \
+            or name in content:
+        raise UpdateRejected(f"{who}: compact reply names its metrics {str(name)[:60]!r}")
+    if len(record) > 1024 + 2:
+        raise UpdateRejected(f"{who}: {len(record)} entries in the compact reply, at most "
+                             "1024 metrics are accepted")
+    metrics = {k: v for k, v in record.items() if k not in (COMPACT_DATA, COMPACT_NAME)}
+    for key, value in metrics.items():
+        if key.startswith(_RESERVED):
+            raise UpdateRejected(f"{who}: unknown entry {key[:60]!r} in the compact reply")
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise UpdateRejected(f"{who}: metric {key[:60]!r} is {str(value)[:60]!r}, "
+                                 "expected numbers")
+    try:
+        rebuilt = MetricRecord(metrics)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise UpdateRejected(f"{who}: compact reply's metrics: {exc}") from None
+    del content[PAYLOAD]
+    content[PAYLOAD] = payload_record(data)
+    content[name] = rebuilt
 
 
 def chain_record(payloads: list[bytes]) -> ArrayRecord:

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedslim.compression import WIRE_STYPE, decode_update, encode_update
 from fedslim.errors import DecodeError
@@ -58,3 +60,85 @@ def test_content_bytes_reflects_payload_size():
                                       "m": MetricRecord({"x": 1.0})}))
     assert dense > 4000  # 1000 float32 values are serialized, plus headers
     assert payload_record(b"x").get("fedslim").stype == WIRE_STYPE
+
+
+# ----------------------------------------------------------------- compact train replies
+def _reply_content(metrics: dict | None = None, name: str = "metrics") -> RecordDict:
+    return RecordDict({name: MetricRecord(metrics if metrics is not None else {
+        "num-examples": 130, "train-loss": 0.25, "partition-id": 3, "hist": [1.5, 2.5]})})
+
+
+def test_fold_then_unfold_restores_the_usual_records_in_fewer_bytes() -> None:
+    from fedslim.flower_io import content_bytes, fold_reply, payload_record, unfold_reply
+    from fedslim.protocol import PAYLOAD
+
+    data = bytes(range(256)) * 3
+    for name in ("metrics", "my-metrics"):
+        classic = _reply_content(name=name)
+        classic[PAYLOAD] = payload_record(data)
+        folded = _reply_content(name=name)
+        assert fold_reply(folded, data)
+        assert list(folded.config_records) == [PAYLOAD] and not folded.metric_records
+        assert content_bytes(classic) - content_bytes(folded) >= 400  # ~0.47 kB measured
+        unfold_reply(folded, "node 1")
+        assert bytes(folded.array_records[PAYLOAD]["fedslim"].data) == data
+        assert dict(folded.metric_records[name]) == dict(classic.metric_records[name])
+
+
+def test_fold_declines_what_it_cannot_carry() -> None:
+    from fedslim.flower_io import COMPACT_MAX, fold_reply
+
+    assert not fold_reply(_reply_content(), bytes(COMPACT_MAX + 1))  # big: array form
+    two = _reply_content()
+    two["other"] = _reply_content()["metrics"]
+    assert not fold_reply(two, b"x")
+    reserved = _reply_content({"num-examples": 1, "fedslim.h": 2})
+    assert not fold_reply(reserved, b"x")
+    assert list(reserved.metric_records) == ["metrics"]  # untouched
+
+
+@pytest.mark.parametrize("entries,fragment", [
+    ({"fedslim.h": "text"}, "fedslim.h"),
+    ({"fedslim.h": b""}, "fedslim.h"),
+    ({"fedslim.h": bytes((1 << 16) + 1)}, "fedslim.h"),
+    ({"fedslim.h": b"x", "fedslim.m": "fedslim.payload"}, "names its metrics"),
+    ({"fedslim.h": b"x", "fedslim.m": 7}, "names its metrics"),
+    ({"fedslim.h": b"x", "loss": "low"}, "expected numbers"),
+    ({"fedslim.h": b"x", "loss": True}, "expected numbers"),
+    ({"fedslim.h": b"x", "loss": ["a"]}, "expected numbers"),
+    ({"fedslim.h": b"x", "fedslim.z": 1}, "unknown entry"),
+    ({"fedslim.h": b"x", **{f"m{i}": i for i in range(1100)}}, "at most 1024"),
+])
+def test_unfold_rejects_hostile_compact_replies(entries: dict, fragment: str) -> None:
+    from flwr.app import ConfigRecord
+
+    from fedslim.errors import UpdateRejected
+    from fedslim.flower_io import unfold_reply
+    from fedslim.protocol import PAYLOAD
+
+    content = RecordDict({PAYLOAD: ConfigRecord(entries)})
+    with pytest.raises(UpdateRejected, match=fragment):
+        unfold_reply(content, "node 9")
+    both = _reply_content()
+    both[PAYLOAD] = ConfigRecord({"fedslim.h": b"x"})
+    with pytest.raises(UpdateRejected, match="also carries a MetricRecord"):
+        unfold_reply(both, "node 9")
+
+
+@settings(max_examples=50, deadline=None)
+@given(metrics=st.dictionaries(
+    st.text(alphabet="abcxyz-_.", min_size=1, max_size=10).filter(
+        lambda k: not k.startswith("fedslim.")),
+    st.one_of(st.integers(-2**40, 2**40), st.floats(allow_nan=False, allow_infinity=False),
+              st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=5)),
+    min_size=1, max_size=8),
+    data=st.binary(min_size=1, max_size=300))
+def test_any_metrics_round_trip_through_the_compact_form(metrics: dict, data: bytes) -> None:
+    from fedslim.flower_io import fold_reply, unfold_reply
+    from fedslim.protocol import PAYLOAD
+
+    content = _reply_content(metrics)
+    assert fold_reply(content, data)
+    unfold_reply(content, "node 1")
+    assert dict(content.metric_records["metrics"]) == metrics
+    assert bytes(content.array_records[PAYLOAD]["fedslim"].data) == data

@@ -80,14 +80,16 @@ def attack_mod(kind: str) -> Mod:
 
 
 def _attack(kind: str, msg: Message, context: Context, reply: Message) -> Message:
-    metrics = reply.content.metric_records["metrics"]
+    # (the replay runs outside compression_mod, on the reply as sent: no MetricRecord there
+    # when the payload travels in the compact form)
     if kind in ("scaled", "sign-flip-heavy", "huge"):
         _weights_attack(kind, msg, reply)
     elif kind == "metric-list":  # partition-id as a list, a NaN loss
+        metrics = reply.content.metric_records["metrics"]
         metrics["partition-id"] = [1, 2, 3]
         metrics["train-loss"] = float("nan")
     elif kind == "weight-inf":
-        metrics["num-examples"] = 1e308
+        reply.content.metric_records["metrics"]["num-examples"] = 1e308
     elif kind == "replay":
         return _replay(msg, context, reply)
     return reply

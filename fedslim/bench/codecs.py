@@ -45,6 +45,14 @@ PIPELINES = [
     ("topk0.1%+q4+ans", "topk:0.001|q:4|ans"),
     ("topk1%+q2+ans", "topk:0.01|q:2|ans"),
 ]
+# The same pipelines schema-bound (what fedslim's client and server exchange: a 4-byte
+# schema digest instead of tensor names and shapes; decoded with the receiver's schema).
+SCHEMA_BOUND = [
+    ("topk1%+q4 [schema]", "topk:0.01|q:4"),
+    ("topk0.1%+q4 [schema]", "topk:0.001|q:4"),
+    ("topk1%+q4+ans [schema]", "topk:0.01|q:4|ans"),
+    ("topk0.1%+q4+ans [schema]", "topk:0.001|q:4|ans"),
+]
 TARGET_SPEC = "topk:0.01|q:4"
 TARGET_OVER_BOUND = 1.10
 TARGET_CPU_MBPS = 200.0
@@ -68,6 +76,7 @@ class Row:
     encode_mbps: float
     decode_mbps: float
     both_mbps: float
+    schema_bound: bool = False
 
 
 def heavy_tailed_update(numel: int = 10_000_000, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -138,29 +147,32 @@ def _median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], N
 
 
 def measure(case: str, label: str, spec: str, update: dict[str, torch.Tensor], device: str,
-            repeats: int) -> Row:
+            repeats: int, schema_bound: bool = False) -> Row:
     on_device = {k: v.to(device) for k, v in update.items()}
+    schema = {k: tuple(v.shape) for k, v in update.items()} if schema_bound else None
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     gen = torch.Generator(device=device).manual_seed(0)
-    payload = encode_update(on_device, spec, generator=gen)
-    t_enc = _median_seconds(lambda: encode_update(on_device, spec, generator=gen), repeats, sync)
-    t_dec = _median_seconds(lambda: decode_update(payload, device=device), repeats, sync)
-    stats = payload_stats(payload)
+    payload = encode_update(on_device, spec, generator=gen, schema_bound=schema_bound)
+    t_enc = _median_seconds(lambda: encode_update(on_device, spec, generator=gen,
+                                                  schema_bound=schema_bound), repeats, sync)
+    t_dec = _median_seconds(lambda: decode_update(payload, device=device, schema=schema),
+                            repeats, sync)
+    stats = payload_stats(payload, schema=schema)
     mb = 4 * stats.numel / 1e6
     return Row(case, label, spec, device, stats.numel, stats.kept, stats.payload_bytes,
                4 * stats.numel / stats.payload_bytes, stats.bits_per_kept,
                stats.bound_bits / 8, stats.over_bound, stats.over_entropy_bound,
                stats.values_over_entropy, mb / t_enc, mb / t_dec,
-               mb / (t_enc + t_dec))
+               mb / (t_enc + t_dec), schema_bound)
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'case':<12} {'pipeline':<20} {'dev':<4} {'bytes':>10} {'x fp32':>8} "
+    head = (f"{'case':<12} {'pipeline':<24} {'dev':<4} {'bytes':>10} {'x fp32':>8} "
             f"{'bits/kept':>9} {'bound B':>10} {'/bound':>7} {'/H bnd':>7} {'val/H':>6} "
             f"{'enc MB/s':>9} {'dec MB/s':>9} {'e+d MB/s':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.case:<12} {r.pipeline:<20} {r.device[:4]:<4} {r.payload_bytes:>10d} "
+        lines.append(f"{r.case:<12} {r.pipeline:<24} {r.device[:4]:<4} {r.payload_bytes:>10d} "
                      f"{r.ratio_vs_fp32:>8.1f} {r.bits_per_kept:>9.2f} {r.bound_bytes:>10.0f} "
                      f"{r.over_bound:>7.3f} {r.over_entropy_bound:>7.3f} "
                      f"{r.values_over_entropy:>6.3f} {r.encode_mbps:>9.0f} {r.decode_mbps:>9.0f} "
@@ -171,7 +183,7 @@ def format_table(rows: list[Row]) -> str:
 def target_report(rows: list[Row]) -> list[str]:
     out = []
     for r in rows:
-        if r.spec != TARGET_SPEC:
+        if r.spec != TARGET_SPEC or r.schema_bound:
             continue
         ok_bound = r.over_bound <= TARGET_OVER_BOUND
         line = (f"target {r.case}/{r.device}: size/bound {r.over_bound:.3f} (<= "
@@ -194,10 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     cases = {"a:10M-heavy": heavy_tailed_update(args.numel), "b:digits-cnn": digits_cnn_update()}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    rows = [measure(case, label, spec, update, device, args.repeats)
+    rows = [measure(case, label, spec, update, device, args.repeats, bound)
             for case, update in cases.items()
             for device in devices
-            for label, spec in PIPELINES]
+            for bound, pipelines in ((False, PIPELINES), (True, SCHEMA_BOUND))
+            for label, spec in pipelines]
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, numpy {np.__version__}, {cpu}, "
           f"torch threads {torch.get_num_threads()}; MB = 1e6 bytes of fp32 input; "

@@ -88,7 +88,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                              **_ONE_WAY} for r in (20, 30, 50, 100, 500)},
     **{f"budget x{r} + q4 + ans, pass:0, momentum": {
         "uplink": f"budget:x{r}|q:4|ans|pass:0", **_MOMENTUM, **_ONE_WAY}
-       for r in (10, 15, 20, 50, 100, 500)},
+       for r in (10, 15, 20, 30, 40, 50, 60, 75, 100, 500)},
     # both directions with the issue-15 uplink and entropy-coded downlink steps
     "both ways: budget x250 + q4 + ans, pass:0; down topk 5% + q4 + ans": {
         "uplink": "budget:x250|q:4|ans|pass:0", **_MOMENTUM, "downlink": "topk:0.05|q:4|ans"},

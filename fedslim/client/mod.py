@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -40,9 +40,11 @@ from fedslim.compression import (
 )
 from fedslim.errors import DecodeError, EncodeError
 from fedslim.flower_io import (
+    COMPACT_MAX,
     apply_delta,
     chain_from_record,
     content_bytes,
+    fold_reply,
     payload_record,
     state_crc,
     state_record,
@@ -322,9 +324,11 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
                      raw_bytes=sum(start[k].numel() * 4 for k in keys))
     if spec.is_identity:  # plain weights: the header rides in its own small record
         reply.content[UP] = header.to_record()
-    else:  # one array: the header, then the wire payload
-        del reply.content[key]
-        reply.content[PAYLOAD] = payload_record(header.pack() + payload)
+    else:  # the header, then the wire payload: with the metrics in one ConfigRecord when
+        del reply.content[key]  # small (see fold_reply), else in one array
+        data = header.pack() + payload
+        if not fold_reply(reply.content, data):
+            reply.content[PAYLOAD] = payload_record(data)
 
 
 ENVELOPE_MARGIN = 24  # bytes: length fields in the envelope grow with the payload's size
@@ -342,14 +346,12 @@ def _payload_room(reply: Message, key: str, spec: PipelineSpec, start: State,
     if spec.topk is None or not spec.topk.is_budget:
         return None
     limit = spec.topk.budget_for(sum(start[k].numel() for k in keys))
-    weights = reply.content[key]
-    del reply.content[key]
-    reply.content[PAYLOAD] = payload_record(bytes(header_size))
-    try:
-        envelope = content_bytes(reply.content) + MESSAGE_BOUND
-    finally:
-        del reply.content[PAYLOAD]
-        reply.content[key] = weights
+    # The reply as it will be sent, with an empty payload (records shared, not copied);
+    # within COMPACT_MAX the payload is sure to travel in the compact form.
+    trial = RecordDict({k: v for k, v in reply.content.items() if k != key})
+    if limit > COMPACT_MAX or not fold_reply(trial, bytes(header_size)):
+        trial[PAYLOAD] = payload_record(bytes(header_size))
+    envelope = content_bytes(trial) + MESSAGE_BOUND
     room = limit - envelope - ENVELOPE_MARGIN
     if room < 64:
         raise EncodeError(f"uplink budget of {limit} bytes leaves {room} for the update once "

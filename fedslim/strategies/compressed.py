@@ -37,7 +37,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedslim.compression import PipelineSpec, parse_spec
 from fedslim.errors import FedslimError
-from fedslim.flower_io import message_bytes, to_state
+from fedslim.flower_io import message_bytes, to_state, unfold_reply
 from fedslim.protocol import DOWN, UP, DownlinkHeader, UplinkHeader
 from fedslim.report import Reject, RoundCollector, RoundReport
 from fedslim.strategies.aggregate import State, float_keys
@@ -227,6 +227,7 @@ class Compressed(StrategyWrapper):
             node = msg.metadata.src_node_id
             exp = self._expected(node, server_round)
             try:
+                unfold_reply(msg.content, f"node {node}")  # compact form -> usual records
                 dec = self.decoder.decode(msg, base, exp)
             except FedslimError as exc:
                 self._reject(report, msg, "train", str(exc))

@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.simulation import run_simulation
 
 from fedslim.client.app import make_client_app
+from fedslim.flower_io import unfold_reply
 from fedslim.protocol import ARRAYS as ARRAYS_KEY
 from fedslim.protocol import PAYLOAD as PAYLOAD_KEY
 from fedslim.protocol import PAYLOAD_ARRAY
@@ -30,6 +31,7 @@ def faulty_mod(msg: Message, context: Context, call_next) -> Message:  # type: i
     if pid == 2:
         raise RuntimeError("client 2 died mid-round (injected)")
     reply = call_next(msg, context)
+    unfold_reply(reply.content, "test")  # compact form (small payloads) -> usual records
     arr = reply.content[PAYLOAD_KEY][PAYLOAD_ARRAY]
     data = bytes(arr.data)
     if pid == 0:

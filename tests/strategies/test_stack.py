@@ -17,7 +17,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedslim.client import compression_mod
 from fedslim.config import ServerOpt
-from fedslim.flower_io import payload_from_record, payload_record, state_crc, to_state
+from fedslim.flower_io import (
+    payload_from_record,
+    payload_record,
+    state_crc,
+    to_state,
+    unfold_reply,
+)
 from fedslim.protocol import (
     DOWN,
     PAYLOAD,
@@ -138,6 +144,7 @@ def _hostile(kind):
                 return reply
             old = stash["first"]
             return Message(content=old.content, reply_to=msg)
+        unfold_reply(reply.content, "test")  # the compact form back to the usual records
         data = payload_from_record(reply.content.array_records[PAYLOAD], "test")
         header, used = UplinkHeader.unpack(data, "test")
         if kind == "crc":
