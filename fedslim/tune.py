@@ -24,7 +24,7 @@ from fedslim.report import RunResults
 
 BITS = (2, 4, 8)
 MIN_RATIO = 10.0
-SMALLEST_REPLY = 1500  # bytes: Flower's envelope and a few metrics (~0.9 kB) + some update
+SMALLEST_REPLY = 1500  # bytes: the search space's smallest reply (envelope ~0.45 kB + an update)
 MOMENTUM_RANGE = (0.0, 0.9)
 
 

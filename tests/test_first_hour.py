@@ -33,7 +33,7 @@ def _fedslim(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
     (["-c", "strategy=fedsgd"], ["'strategy'", "'fedsgd'", "fedadam"]),
     (["-c", "uplink=topk:2"], ["'uplink'", "topk:2%", "topk:k=2"]),
     (["-c", "local-epochs=-3"], ["'local-epochs'", "-3", ">= 1"]),
-    (["-c", "uplink=budget:x1000|q:4"], ["'uplink'", "605 bytes", "budget:x504"]),
+    (["-c", "uplink=budget:x2000|q:4"], ["'uplink'", "302 bytes", "budget:x1008"]),
     (["-c", "uplink=budget:3.5B"], ["'uplink'", "whole number of bytes"]),
     (["-c", "uplink=lowrank:99"], ["'uplink'", "1..63"]),
 ])
