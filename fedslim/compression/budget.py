@@ -39,8 +39,8 @@ def encode_within(encode: Callable[[int], Encoded], limit: int, pool: int,
     Raises
     ------
     EncodeError
-        If even one kept value does not fit: the fixed part (header, names, shapes,
-        passthrough tensors) is over the budget.
+        If even one kept value does not fit: the fixed part (header, names and shapes or
+        the schema digest, per-tensor fields, passthrough tensors) is over the budget.
     """
     if pool == 0:  # nothing to select: every tensor is a passthrough
         out = encode(1)
@@ -49,7 +49,7 @@ def encode_within(encode: Callable[[int], Encoded], limit: int, pool: int,
     fixed = len(first[0])
     if fixed > limit:
         raise EncodeError(f"a budget of {limit} bytes is below this update's fixed cost "
-                          f"({fixed} bytes with one value kept: header, names, shapes and "
+                          f"({fixed} bytes with one value kept: header, per-tensor fields and "
                           "the passthrough tensors); raise the budget or lower pass:")
     guess = max(1, min(pool, math.floor(8 * (limit - fixed)
                                         / (_value_bits(spec) + 2 + math.log2(pool)))))
