@@ -303,7 +303,7 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
             update = ef.apply(update)
         gen = make_generator(head.seed, _node_key(context), head.server_round, 7)
         room = _payload_room(reply, key, spec, start, keys, len(
-            _header(head, start, encode_seconds=0.0, raw_bytes=0).pack()))
+            _header(head, start, encode_seconds=0.0, raw_bytes=0, crc=0).pack()))
         warm = context.state.array_records.get(STATE_LOWRANK)
         lowrank_state = None if spec.lowrank is None else (
             to_state(warm) if warm is not None else {})
@@ -313,8 +313,8 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
                                       schema_bound=_one_dtype(update))
         if lowrank_state:  # PowerSGD's warm start for the next round
             context.state[STATE_LOWRANK] = ArrayRecord(lowrank_state)
-        if ef is not None:
-            ef.record(update, sent)
+        if ef is not None:  # (update: apply()'s fresh tensors, not needed after this)
+            ef.record(update, sent, in_place=True)
             if spill is None or path is None:  # (spilled: its file is the only copy)
                 context.state[STATE_EF] = ArrayRecord(ef.state_dict())
                 context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream,
@@ -431,9 +431,10 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
     return reply
 
 
-def _header(head: DownlinkHeader, start: State, encode_seconds: float, raw_bytes: int
-            ) -> UplinkHeader:
+def _header(head: DownlinkHeader, start: State, encode_seconds: float, raw_bytes: int,
+            crc: int | None = None) -> UplinkHeader:
     return UplinkHeader(stream=head.stream, version=head.version,
-                        server_round=head.server_round, global_crc=state_crc(start),
+                        server_round=head.server_round,
+                        global_crc=state_crc(start) if crc is None else crc,
                         arrays_key=head.arrays_key, encode_seconds=encode_seconds,
                         raw_bytes=raw_bytes)

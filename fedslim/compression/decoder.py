@@ -18,6 +18,7 @@ import torch
 
 from fedslim.compression import entropy, lowrank
 from fedslim.compression.bitpack import unpack_codes
+from fedslim.compression.buffers import all_finite
 from fedslim.compression.grammar import parse_spec
 from fedslim.compression.pipeline import (
     _NP_WIRE,
@@ -205,7 +206,7 @@ def _decode(payload: bytes | bytearray | memoryview, max_elements: int,
         index = None if idx is None else torch.from_numpy(idx).to(dev)
         dense = (lowrank.reconstruct(values, rec.shape, rec.numel, rec.rice_param, where)
                  if lowrank_rec else _densify(values, index, rec.numel))
-        if lowrank_rec and not bool(torch.isfinite(dense).all()):
+        if lowrank_rec and not all_finite(dense):
             raise DecodeError(f"{where}: low-rank factors multiply out to NaN or Inf")
         tensors[rec.name] = dense.view(rec.shape)
         sources[rec.name] = SOURCE_DTYPES[rec.source_dtype]

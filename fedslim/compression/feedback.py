@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
+from fedslim.compression.buffers import all_finite
 from fedslim.errors import DecodeError, EncodeError
 
 
@@ -47,9 +48,7 @@ class ErrorFeedback:
             if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
                 raise DecodeError(f"error-feedback state {name!r} is not a float tensor")
             residual = value.detach().to(device=device, dtype=torch.float32)
-            # A float64 sum is finite iff every entry is (float32 values cannot overflow it).
-            if residual.numel() and not bool(torch.isfinite(
-                    residual.sum(dtype=torch.float64))):
+            if not all_finite(residual):
                 raise DecodeError(f"error-feedback state {name!r} holds NaN/Inf")
             ef._residual[str(name)] = residual.clone() if copy else residual
         return ef
@@ -76,23 +75,28 @@ class ErrorFeedback:
         return out
 
     def record(self, corrected: Mapping[str, torch.Tensor],
-               sent: Mapping[str, torch.Tensor]) -> None:
+               sent: Mapping[str, torch.Tensor], in_place: bool = False) -> None:
         """Store ``corrected - sent``; a name missing from ``sent`` keeps all of ``corrected``.
 
         ``corrected`` is what :meth:`apply` returned and ``sent`` what the receiver decodes
         (``encode_update(..., return_reconstruction=True)``). Residuals of names absent from
-        ``corrected`` are kept untouched for a later round.
+        ``corrected`` are kept untouched for a later round. ``in_place=True`` subtracts
+        inside ``corrected``'s (float32) tensors and keeps them as the residuals -- no
+        model-sized allocation -- for a caller that no longer needs them.
         """
         for name, value in corrected.items():
-            value = value.detach().to(torch.float32)
+            value = value.detach()
+            fresh = not (in_place and value.dtype == torch.float32)
+            value = value.to(torch.float32)
             got = sent.get(name)
             if got is None:
-                self._residual[name] = value.clone()
+                self._residual[name] = value.clone() if fresh else value
                 continue
             if got.shape != value.shape:
                 raise EncodeError(f"tensor {name!r}: sent shape {tuple(got.shape)} differs "
                                   f"from corrected shape {tuple(value.shape)}")
-            self._residual[name] = value - got.detach().to(value.device, torch.float32)
+            got = got.detach().to(value.device, torch.float32)
+            self._residual[name] = value - got if fresh else value.sub_(got)
 
     def residual(self, name: str) -> torch.Tensor | None:
         """The residual held for ``name`` (None if never recorded)."""

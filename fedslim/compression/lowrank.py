@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from fedslim.compression.buffers import all_finite
 from fedslim.errors import DecodeError, EncodeError
 
 MAX_RANK = 63  # the rank rides in the 6-bit parameter field of the position byte
@@ -69,7 +70,7 @@ def factorize(flat: torch.Tensor, shape: tuple[int, ...], rank: int,
     norms = q.double().norm(dim=0)  # float64: squares of large updates overflow float32
     gain = (norms * (m / max(n, 1)) ** 0.5).clamp_min(1e-30).sqrt().to(q.dtype)
     values = torch.cat([(p * gain).reshape(-1), (q / gain).reshape(-1)])
-    if not bool(torch.isfinite(values).all()):
+    if not all_finite(values):
         raise EncodeError("low-rank factors overflow float32 (update magnitudes near the "
                           "float32 limit); use topk or a cast instead of lowrank")
     return values, q

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,10 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename).
+def atomic_write_bytes(path: Path, data: bytes | Sequence[bytes | memoryview],
+                       durable: bool = True) -> None:
+    """Write ``data`` (bytes, or parts written one after the other without joining them)
+    to ``path`` atomically (temp file + fsync + rename).
 
     ``durable=False`` skips the two fsyncs: the file is still never seen half-written by
     another process (rename is atomic), but a power cut may lose it. For state that can be
@@ -49,7 +53,8 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for part in ([data] if isinstance(data, bytes) else data):
+                fh.write(part)
             fh.flush()
             os.fchmod(fh.fileno(), FILE_MODE)
             if durable:
@@ -75,12 +80,43 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def safetensors_parts(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                      ) -> list[bytes | memoryview]:
+    """The safetensors file of ``state`` as parts: the header, then each tensor's own
+    memory (no copy of the data, unlike ``safetensors.torch.save``, which builds one
+    model-sized bytes object: 42 ms for 40 MB here). Little-endian hosts only (as the format);
+    dtypes outside ``_ST_DTYPES`` go through ``safetensors.torch.save``."""
+    tensors = _contiguous(state)
+    if sys.byteorder != "little" or any(t.dtype not in _ST_DTYPES for t in tensors.values()):
+        return [st_save(tensors, metadata=metadata)]
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    views: list[bytes | memoryview] = []
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+        if size:
+            views.append(t.reshape(-1).view(torch.uint8).numpy().data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned (as safetensors writes)
+    return [len(raw).to_bytes(8, "little"), raw, *views]
+
+
 def save_model(path: Path, state: dict[str, torch.Tensor],
                metadata: dict[str, str] | None = None, durable: bool = True) -> int:
     """Save a state dict as safetensors (atomically); returns the file size in bytes."""
-    data = st_save(_contiguous(state), metadata=metadata)
-    atomic_write_bytes(path, data, durable)
-    return len(data)
+    parts = safetensors_parts(state, metadata)
+    atomic_write_bytes(path, parts, durable)
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
 
 def load_model(path: Path) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fedslim.compression.buffers import all_finite
 from fedslim.config import ServerOpt
 from fedslim.errors import UpdateRejected
 
@@ -42,7 +43,7 @@ def validate_update(update: Mapping[str, torch.Tensor],
                                  f"expected {tuple(shape)}")
         if not t.is_floating_point():
             raise UpdateRejected(f"{who}: tensor {name!r} has dtype {t.dtype}, expected float")
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise UpdateRejected(f"{who}: tensor {name!r} holds NaN or Inf")
 
 

@@ -33,11 +33,11 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedslim.compression.buffers import all_finite
 from fedslim.flower_io import state_record, to_state
 from fedslim.protocol import NUM_EXAMPLES
 from fedslim.report import Defence, Reject, RoundCollector
@@ -197,8 +197,7 @@ class Guarded(StrategyWrapper):
                 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop the round if the aggregate holds NaN/Inf (the global model is kept)."""
         if arrays is not None and not all(
-                bool(torch.isfinite(v).all()) for v in to_state(arrays).values()
-                if v.is_floating_point()):
+                all_finite(v) for v in to_state(arrays).values()):
             log.warning("round %s: the aggregate holds NaN/Inf; the global model is kept",
                         server_round)
             self.collector.open(server_round).defences.append(Defence(

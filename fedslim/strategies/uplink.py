@@ -20,10 +20,10 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
 from fedslim.compression import PipelineSpec, decode_update
+from fedslim.compression.buffers import all_finite
 from fedslim.errors import UpdateRejected
 from fedslim.flower_io import payload_from_record, state_record, to_state
 from fedslim.protocol import NUM_EXAMPLES, PARTITION_ID, PAYLOAD, UP, UplinkHeader
@@ -216,7 +216,7 @@ class UplinkDecoder:
         validate_update(update, {k: tuple(base[k].shape) for k in fkeys}, who)
         weights = {k: base[k] + update[k] if k in update else base[k] for k in base}
         for k in update:
-            if not bool(torch.isfinite(weights[k]).all()):
+            if not all_finite(weights[k]):
                 raise UpdateRejected(f"{who}: global + update overflows to Inf in {k!r}")
         return weights, decoded.kept
 

@@ -79,3 +79,20 @@ def test_errors_are_typed() -> None:
         ErrorFeedback.from_state({"x": torch.tensor([float("nan")])})
     with pytest.raises(DecodeError, match="float tensor"):
         ErrorFeedback.from_state({"x": torch.ones(2, dtype=torch.int64)})
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31), text=st.sampled_from(["topk:0.01|q:4", "q:2|pass:0"]))
+def test_in_place_record_is_bit_identical(seed: int, text: str) -> None:
+    """record(..., in_place=True) keeps the same residuals, inside corrected's tensors."""
+    a, b = ErrorFeedback(), ErrorFeedback()
+    for rnd, update in enumerate(_rounds(seed, 3), start=1):
+        ca, cb = a.apply(update), b.apply(update)
+        _, sent = encode_update(ca, text, generator=torch.Generator().manual_seed(rnd),
+                                return_reconstruction=True)
+        a.record(ca, sent)
+        b.record(cb, sent, in_place=True)
+        for n in update:
+            ra, rb = a.residual(n), b.residual(n)
+            assert ra is not None and rb is not None and torch.equal(ra, rb)
+            assert rb.data_ptr() == cb[n].data_ptr()  # (float32: reused, not copied)

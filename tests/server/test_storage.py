@@ -67,3 +67,29 @@ def test_written_files_are_readable_like_any_new_file(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_zero_copy_safetensors_load_back_exactly(tmp_path) -> None:
+    """save_model writes the header then each tensor's own memory: safetensors reads it."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from fedslim.server.storage import save_model
+
+    state = {"w": torch.randn(3, 4), "step": torch.tensor(5), "empty": torch.zeros(0, 3),
+             "half": torch.randn(7).half(), "brain": torch.randn(5).to(torch.bfloat16),
+             "strided": torch.randn(4, 6).t(), "mask": torch.tensor([True, False]),
+             "f64": torch.randn(2, dtype=torch.float64), "i8": torch.tensor([-1, 2],
+                                                                            dtype=torch.int8)}
+    path = tmp_path / "m.safetensors"
+    size = save_model(path, state, {"round": "3", "note": "é"}, durable=False)
+    assert size == path.stat().st_size
+    got = load_file(str(path))
+    assert set(got) == set(state)
+    for k, v in state.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v.contiguous()), k
+    with safe_open(str(path), framework="pt") as fh:
+        assert fh.metadata() == {"round": "3", "note": "é"}
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_len % 8 == 0  # the data section starts 8-byte aligned
