@@ -69,7 +69,7 @@ STUDENT_INT8_FILE = "student_int8.safetensors"
 MetricValue = int | float | list[int] | list[float]  # what a MetricRecord holds
 HEADER_KEY = "h"  # the one (bytes) value of a DOWN / UP ConfigRecord
 _DOWN = struct.Struct("<4sBIIiIQIBQ")  # magic ver stream version base round seed init flags lineage
-_UP = struct.Struct("<4sBIIIIIQ")     # magic, ver, stream, version, round, crc, encode us, raw
+_UP = struct.Struct("<4sBIIIIII")  # magic ver stream version round crc encode-us decode-us
 
 
 def _take_str(data: bytes, offset: int, width: int, who: str, what: str) -> tuple[str, int]:
@@ -84,6 +84,11 @@ def _take_str(data: bytes, offset: int, width: int, who: str, what: str) -> tupl
         return data[offset + width:end].decode("ascii"), end
     except UnicodeDecodeError:
         raise UpdateRejected(f"{who}: header {what} is not ASCII") from None
+
+
+def _micros(seconds: float) -> int:
+    """A duration as whole microseconds in a u32 (clamped: ~71 minutes at most)."""
+    return min(max(int(seconds * 1e6), 0), (1 << 32) - 1)
 
 
 def _put_str(text: str, width: int) -> bytes:
@@ -191,7 +196,10 @@ class UplinkHeader:
 
     ``stream``, ``version`` and ``server_round`` bind the reply to the message it answers
     (a reply to another round or version is rejected); ``global_crc`` proves the node's
-    copy of the global model is bit-identical to the server's.
+    copy of the global model is bit-identical to the server's. ``encode_seconds`` is the
+    node's uplink encode time, ``decode_seconds`` the time it took to bring the downlink to
+    the global model (load its held copy, decode and apply the delta, keep the result):
+    reported, untrusted, used only for the codec-share figures.
     """
 
     stream: int
@@ -200,14 +208,15 @@ class UplinkHeader:
     global_crc: int
     arrays_key: str
     encode_seconds: float
-    raw_bytes: int
+    decode_seconds: float = 0.0
 
     MAGIC: ClassVar[bytes] = b"FSUP"
+    VERSION: ClassVar[int] = 2
 
     def pack(self) -> bytes:
-        micros = min(int(self.encode_seconds * 1e6), (1 << 32) - 1)
-        return _UP.pack(self.MAGIC, 1, self.stream, self.version, self.server_round,
-                        self.global_crc, micros, self.raw_bytes) + _put_str(self.arrays_key, 1)
+        return _UP.pack(self.MAGIC, self.VERSION, self.stream, self.version, self.server_round,
+                        self.global_crc, _micros(self.encode_seconds),
+                        _micros(self.decode_seconds)) + _put_str(self.arrays_key, 1)
 
     @classmethod
     def unpack(cls, data: bytes, who: str) -> tuple[UplinkHeader, int]:
@@ -215,12 +224,12 @@ class UplinkHeader:
         if len(data) < _UP.size:
             raise UpdateRejected(f"{who}: uplink header of {len(data)} bytes, need "
                                  f"{_UP.size}+")
-        magic, ver, stream, version, rnd, crc, micros, raw = _UP.unpack_from(data)
-        if magic != cls.MAGIC or ver != 1:
-            raise UpdateRejected(f"{who}: not a fedslim v1 uplink header")
+        magic, ver, stream, version, rnd, crc, enc, dec = _UP.unpack_from(data)
+        if magic != cls.MAGIC or ver != cls.VERSION:
+            raise UpdateRejected(f"{who}: not a fedslim v{cls.VERSION} uplink header")
         key, end = _take_str(data, _UP.size, 1, who, "arrays key")
         return cls(stream=stream, version=version, server_round=rnd, global_crc=crc,
-                   arrays_key=key, encode_seconds=micros / 1e6, raw_bytes=raw), end
+                   arrays_key=key, encode_seconds=enc / 1e6, decode_seconds=dec / 1e6), end
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({HEADER_KEY: self.pack()})

@@ -83,6 +83,7 @@ class CommReport:
     init_messages: int = 0           # "build the seeded round-0 model yourself" (+ chain)
     encode_seconds: float = 0.0      # clients' encode time, summed
     decode_seconds: float = 0.0      # server's decode + validation time
+    node_decode_seconds: float = 0.0  # clients' downlink decode time (as they report it)
     per_node: dict[str, NodeBytes] = field(default_factory=dict)
     uplink_ratio: float | None = None
     kept_per_tensor: dict[str, float] = field(default_factory=dict)  # mean over replies
@@ -105,6 +106,7 @@ class CommTotals:
     uplink_none_bytes: int = 0
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
+    node_decode_seconds: float = 0.0
     total_bytes: int = 0
     rejected_replies: int = 0
     uplink_ratio: float | None = None
@@ -117,7 +119,7 @@ class CommTotals:
         tot = cls(rejected_replies=sum(len(r.rejects) for r in rounds))
         for name in ("uplink_bytes", "uplink_eval_bytes", "downlink_bytes",
                      "downlink_eval_bytes", "uplink_none_bytes", "encode_seconds",
-                     "decode_seconds"):
+                     "decode_seconds", "node_decode_seconds"):
             setattr(tot, name, sum(getattr(r, name) for r in rows))
         tot.total_bytes = sum(r.total_bytes for r in rows)
         tot.uplink_ratio = (tot.uplink_none_bytes / tot.uplink_bytes
@@ -151,13 +153,15 @@ class DistillReport:
 class Resources:
     """Where a round's time went, and memory (this machine's view).
 
-    ``client_train_seconds`` and ``client_encode_seconds`` are summed over the clients
+    ``client_train_seconds``, ``client_encode_seconds`` (uplink) and
+    ``client_decode_seconds`` (downlink, of the clients that trained) are summed over the clients
     (they run in parallel); ``wait_seconds`` is the round's wall time the server spent
     neither decoding, aggregating nor evaluating: transfer, and waiting for the clients.
     """
 
     client_train_seconds: float = 0.0
     client_encode_seconds: float = 0.0
+    client_decode_seconds: float = 0.0
     server_decode_seconds: float = 0.0
     server_aggregate_seconds: float = 0.0
     server_evaluate_seconds: float = 0.0

@@ -13,7 +13,7 @@ from fedslim.errors import UpdateRejected
 from fedslim.protocol import HEADER_KEY, DownlinkHeader, UplinkHeader
 
 UP = UplinkHeader(stream=5, version=3, server_round=2, global_crc=123, arrays_key="arrays",
-                  encode_seconds=0.012345, raw_bytes=4000)
+                  encode_seconds=0.012345, decode_seconds=0.0042)
 DOWN = DownlinkHeader(stream=5, version=3, base=-1, arrays_key="arrays", uplink="topk:0.01|q:4",
                       error_feedback=True, keep=True, server_round=2, seed=42, init_crc=7)
 
@@ -49,7 +49,7 @@ def _flip(packed: bytes, flips: list[tuple[int, int]]) -> bytes:
 
 
 def test_malformed_headers_name_what_is_wrong():
-    with pytest.raises(UpdateRejected, match="not a fedslim v1 uplink header"):
+    with pytest.raises(UpdateRejected, match="not a fedslim v2 uplink header"):
         UplinkHeader.unpack(b"XXXX" + UP.pack()[4:], "n")
     with pytest.raises(UpdateRejected, match="need"):
         UplinkHeader.unpack(UP.pack()[:10], "n")

@@ -11,7 +11,8 @@ the contexts that Flower's simulation engine holds in the server process) -- run
 process's peak RSS (``getrusage`` high-water mark of the process that runs the ServerApp)
 and the time split of the round. Prints the growth of the server's peak from the fewest
 to the most clients, in units of the model's fp32 size, and the codec share of the
-clients' time (encode / (train + encode)).
+clients' time: (uplink encode + downlink decode) / (train + encode + decode), each as the
+nodes measure and report it in their uplink headers.
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ def run(args: argparse.Namespace, clients: int, mode: str, out: Path) -> dict[st
     last = rounds[-1].resources if rounds else None
     train = sum(r.resources.client_train_seconds for r in rounds if r.resources)
     encode = sum(r.resources.client_encode_seconds for r in rounds if r.resources)
+    node_decode = sum(r.resources.client_decode_seconds for r in rounds if r.resources)
     decode = sum(r.resources.server_decode_seconds for r in rounds if r.resources)
     return {"clients": clients, "mode": mode, "rc": rc, "wall_seconds": wall,
             "server_peak_rss_mb": max((r.resources.server_peak_rss_mb for r in rounds
                                        if r.resources), default=None),
             "client_peak_rss_mb": last.client_peak_rss_mb if last else None,
             "client_train_seconds": train, "client_encode_seconds": encode,
+            "client_decode_seconds": node_decode,
             "server_decode_seconds": decode,
             "server_aggregate_seconds": sum(r.resources.server_aggregate_seconds
                                             for r in rounds if r.resources),
@@ -111,10 +114,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{hi} clients {b['server_peak_rss_mb']:.0f} MB: +{grow:.0f} MB = "
               f"{grow / model_mb:.2f} x the model")
     for r in rows:
-        client = r["client_train_seconds"] + r["client_encode_seconds"]
+        codec = r["client_encode_seconds"] + r["client_decode_seconds"]
+        client = r["client_train_seconds"] + codec
         print(f"  {r['clients']:4d} clients, {r['mode']:40s}: codec share of client time "
-              f"{100 * r['client_encode_seconds'] / client:.1f}% (encode "
-              f"{r['client_encode_seconds']:.1f} s / train {r['client_train_seconds']:.1f} s)"
+              f"{100 * codec / client:.1f}% (encode {r['client_encode_seconds']:.1f} s + "
+              f"decode {r['client_decode_seconds']:.1f} s / train "
+              f"{r['client_train_seconds']:.1f} s)"
               f"; server decode {r['server_decode_seconds']:.1f} s, aggregate "
               f"{r['server_aggregate_seconds']:.1f} s")
     if args.out:

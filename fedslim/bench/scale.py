@@ -9,8 +9,8 @@ fedslim with ``--uplink`` (downlink ``auto``). Each is a subprocess of Flower's 
 engine; the harness samples the summed memory (proportional set size, so shared pages
 count once) of every process it started (found by a tag in their environment) every
 0.5 s. Prints wall time (and its ratio to stock), the peak of that sum, total bytes both
-directions, final test accuracy, and fedslim's codec share of the clients' time (encode
-seconds / train seconds).
+directions, final test accuracy, and fedslim's codec share of the clients' time ((uplink
+encode + downlink decode seconds) / train seconds).
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def run_fedslim(args: argparse.Namespace, uplink: str, tmp: Path) -> dict[str, A
     res = load_results(out)
     final = res.final
     train = sum(r.resources.client_train_seconds for r in res.rounds if r.resources)
-    encode = sum(r.resources.client_encode_seconds for r in res.rounds if r.resources)
+    encode = sum(r.resources.client_encode_seconds + r.resources.client_decode_seconds
+                 for r in res.rounds if r.resources)  # the codec: uplink + downlink
     name = " ".join([f"uplink={uplink}", *extra])
     return {"run": f"fedslim {name}", "wall_seconds": wall, "peak_rss_mb": rss,
             "rc": rc, "test_accuracy": final.test_accuracy if final else None,

@@ -275,7 +275,8 @@ def _persist(ef: ErrorFeedback, path: Path | None, head: DownlinkHeader) -> None
 
 
 def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: State,
-                 state_dir: StateDir | None = None, spill: Path | None = None) -> None:
+                 state_dir: StateDir | None = None, spill: Path | None = None,
+                 decode_seconds: float = 0.0) -> None:
     """Replace the reply's weights by the encoded update and add the uplink header."""
     records = reply.content.array_records
     key = head.arrays_key
@@ -303,7 +304,7 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
             update = ef.apply(update)
         gen = make_generator(head.seed, _node_key(context), head.server_round, 7)
         room = _payload_room(reply, key, spec, start, keys, len(
-            _header(head, start, encode_seconds=0.0, raw_bytes=0, crc=0).pack()))
+            _header(head, start, encode_seconds=0.0, crc=0).pack()))
         warm = context.state.array_records.get(STATE_LOWRANK)
         lowrank_state = None if spec.lowrank is None else (
             to_state(warm) if warm is not None else {})
@@ -321,7 +322,7 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
                                                              "round": head.server_round})
             _persist(ef, path, head)
     header = _header(head, start, encode_seconds=time.perf_counter() - t0,
-                     raw_bytes=sum(start[k].numel() * 4 for k in keys))
+                     decode_seconds=decode_seconds)
     if spec.is_identity:  # plain weights: the header rides in its own small record
         reply.content[UP] = header.to_record()
     else:  # the header, then the wire payload: with the metrics in one ConfigRecord when
@@ -414,7 +415,9 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
     except Exception as exc:
         raise DecodeError(f"downlink header: {exc}") from None
     spill_dir = _spill_dir(state_dir, context, spill)
+    t0 = time.perf_counter()
     start = receive_global(msg, context, head, initial_state, spill_dir)
+    decoded = time.perf_counter() - t0
     content = msg.content
     for key in (DOWN, DELTA):
         if key in content:
@@ -425,16 +428,17 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
     if reply.has_error():
         return reply
     if msg.metadata.message_type == MessageType.TRAIN:
-        encode_reply(reply, context, head, start, state_dir, spill_dir)
+        encode_reply(reply, context, head, start, state_dir, spill_dir, decoded)
     else:  # tell the server which global this node now holds (its deltas build on it)
-        reply.content[UP] = _header(head, start, encode_seconds=0.0, raw_bytes=0).to_record()
+        reply.content[UP] = _header(head, start, encode_seconds=0.0,
+                                    decode_seconds=decoded).to_record()
     return reply
 
 
-def _header(head: DownlinkHeader, start: State, encode_seconds: float, raw_bytes: int,
-            crc: int | None = None) -> UplinkHeader:
+def _header(head: DownlinkHeader, start: State, encode_seconds: float,
+            decode_seconds: float = 0.0, crc: int | None = None) -> UplinkHeader:
     return UplinkHeader(stream=head.stream, version=head.version,
                         server_round=head.server_round,
                         global_crc=state_crc(start) if crc is None else crc,
                         arrays_key=head.arrays_key, encode_seconds=encode_seconds,
-                        raw_bytes=raw_bytes)
+                        decode_seconds=decode_seconds)

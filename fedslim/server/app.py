@@ -198,6 +198,7 @@ class ServerRun:
         return Resources(
             client_train_seconds=report.train.get("train-seconds", 0.0),
             client_encode_seconds=comm.encode_seconds if comm else 0.0,
+            client_decode_seconds=comm.node_decode_seconds if comm else 0.0,
             server_decode_seconds=decode, server_aggregate_seconds=aggregate,
             server_evaluate_seconds=evaluate_seconds,
             wait_seconds=max(0.0, report.round_seconds - decode - aggregate

@@ -242,7 +242,7 @@ class Compressed(StrategyWrapper):
                 size = message_bytes(msg)
                 if stream:  # keep the reply as sent; its weights are decoded when folded
                     msg.content = sent
-            self.ledger.timing(dec.encode_seconds, dec.decode_seconds)
+            self.ledger.timing(dec.encode_seconds, dec.decode_seconds, dec.node_decode_seconds)
             self.ledger.allocation(dec.kept)
             self.ledger.plain_equivalent(size)
             self.downlink.acknowledge(node)

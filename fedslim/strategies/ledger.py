@@ -65,9 +65,11 @@ class ByteLedger:
         for name, count in kept.items():
             r.kept_per_tensor[name] = r.kept_per_tensor.get(name, 0.0) + count
 
-    def timing(self, encode_seconds: float = 0.0, decode_seconds: float = 0.0) -> None:
+    def timing(self, encode_seconds: float = 0.0, decode_seconds: float = 0.0,
+               node_decode_seconds: float = 0.0) -> None:
         self.report.encode_seconds += encode_seconds
         self.report.decode_seconds += decode_seconds
+        self.report.node_decode_seconds += node_decode_seconds
 
     def close(self) -> CommReport:
         r = self.report

@@ -49,6 +49,7 @@ class Decoded:
     weight: float
     encode_seconds: float
     decode_seconds: float
+    node_decode_seconds: float
     kept: dict[str, int] = field(default_factory=dict)  # values sent per tensor (payloads)
     weights: State = field(default_factory=dict)  # the reply's weights (base + update)
 
@@ -138,7 +139,9 @@ class UplinkDecoder:
                 out[exp.arrays_key] = state_record(weights)
         return Decoded(content=out, weight=weight,
                        encode_seconds=header.encode_seconds if header else 0.0,
-                       decode_seconds=time.perf_counter() - t0, kept=kept, weights=weights)
+                       decode_seconds=time.perf_counter() - t0,
+                       node_decode_seconds=header.decode_seconds if header else 0.0,
+                       kept=kept, weights=weights)
 
     def _header(self, content: RecordDict, exp: Expected, who: str
                 ) -> tuple[UplinkHeader | None, bytes]:

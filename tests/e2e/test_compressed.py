@@ -54,6 +54,10 @@ def test_compressed_federation_saves_bytes_and_learns(tmp_path):
     assert rounds[0]["comm"]["downlink_bytes"] < 4 * 1_000
     for r in rounds:
         assert r["comm"]["uplink_bytes"] > 0 and r["comm_cumulative"]["total_bytes"] > 0
+        # The nodes time their codec both ways and report it in the uplink header.
+        assert r["resources"]["client_encode_seconds"] > 0
+        assert r["resources"]["client_decode_seconds"] > 0
+        assert r["comm"]["node_decode_seconds"] == r["resources"]["client_decode_seconds"]
 
 
 def test_corrupt_truncated_nan_and_dead_clients_are_rejected(tmp_path):

@@ -167,10 +167,10 @@ def _hostile(kind):
 @pytest.mark.parametrize("kind,fragment", [
     ("replay", "stale or replayed"),
     ("crc", "differs from the server"),
-    ("no-header", "not a fedslim v1 uplink header"),
+    ("no-header", "not a fedslim v2 uplink header"),
     ("weight-inf", "num-examples"),
     ("weight-list", "num-examples"),
-    ("header-type", "not a fedslim v1 uplink header"),
+    ("header-type", "not a fedslim v2 uplink header"),
 ])
 def test_hostile_reply_is_rejected_and_the_round_goes_on(kind, fragment):
     grid = LoopbackGrid(make_quickstart_app([_hostile(kind), compression_mod]), 4)
