@@ -198,7 +198,8 @@ class UplinkHeader:
     (a reply to another round or version is rejected); ``global_crc`` proves the node's
     copy of the global model is bit-identical to the server's. ``encode_seconds`` is the
     node's uplink encode time, ``decode_seconds`` the time it took to bring the downlink to
-    the global model (load its held copy, decode and apply the delta, keep the result):
+    the global model (load its held copy, decode and apply the delta, keep the result; not
+    building the round-0 model from the seed, which is the app's own model construction):
     reported, untrusted, used only for the codec-share figures.
     """
 

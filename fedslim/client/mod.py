@@ -183,8 +183,8 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader,
                         raise DecodeError(f"downlink: delta tensor {k!r} does not fit the "
                                           "held model")
                 state = apply_delta(state, delta)  # step by step, as the server did
-    if head.keep:
-        _keep_global(context, head, state, spill)
+    if head.keep and not (head.base >= 0 and not head.init_crc and head.version == head.base):
+        _keep_global(context, head, state, spill)  # (the held copy is this version already)
     return state
 
 
@@ -415,9 +415,18 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
     except Exception as exc:
         raise DecodeError(f"downlink header: {exc}") from None
     spill_dir = _spill_dir(state_dir, context, spill)
+    built = [0.0]  # building the round-0 model from the seed is the app's work, not the codec's
+
+    def build(ctx: Context) -> State:
+        t = time.perf_counter()
+        try:
+            return initial_state(ctx)  # type: ignore[misc]
+        finally:
+            built[0] += time.perf_counter() - t
+
     t0 = time.perf_counter()
-    start = receive_global(msg, context, head, initial_state, spill_dir)
-    decoded = time.perf_counter() - t0
+    start = receive_global(msg, context, head, build if initial_state else None, spill_dir)
+    decoded = time.perf_counter() - t0 - built[0]
     content = msg.content
     for key in (DOWN, DELTA):
         if key in content:

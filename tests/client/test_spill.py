@@ -34,3 +34,28 @@ def test_spilled_state_gives_the_same_model_and_keeps_the_context_small(tmp_path
     assert any(STATE_GLOBAL in c.state for c in mem_contexts.values())
     files = {p.name.split("-")[0] for p in (tmp_path / "a" / "state").iterdir()}
     assert files == {"global", "ef"}, files
+
+
+def test_a_node_that_already_holds_the_version_does_not_rewrite_its_copy(tmp_path,
+                                                                          monkeypatch):
+    """With evaluation on, each evaluate message brings the new global and the next train
+    message says "you hold it": that message must not write the 4-tensor copy again."""
+    import fedslim.client.mod as mod_module
+
+    writes: list[str] = []
+    real = mod_module.save_model
+
+    def counting(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        writes.append(path.name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(mod_module, "save_model", counting)
+    mod = make_compression_mod(state_dir=lambda ctx: tmp_path / "state", spill=True)
+    grid = LoopbackGrid(make_quickstart_app([mod]), 2)
+    strategy = Compressed(FedslimFedAvg(fraction_train=1.0, fraction_evaluate=1.0, seed=2),
+                          uplink="topk:0.1|q:4", downlink="topk:0.2|q:4")
+    strategy.start(grid, initial_arrays(), num_rounds=3, train_config=ConfigRecord({"lr": 0.1}))
+    held = [w for w in writes if w.startswith("global")]
+    # Per node: round 1 train (first copy) + one per evaluate message (a new version each
+    # round); the train messages of rounds 2 and 3 find the version held: no write.
+    assert len(held) == 2 * (1 + 3), writes
