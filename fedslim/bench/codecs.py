@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedslim.compression import decode_update, encode_update
+from fedslim.compression import decode_update, encode_update, parse_spec
 from fedslim.compression.bound import payload_stats
 
 PIPELINES = [
@@ -45,13 +45,14 @@ PIPELINES = [
     ("topk0.1%+q4+ans", "topk:0.001|q:4|ans"),
     ("topk1%+q2+ans", "topk:0.01|q:2|ans"),
 ]
-# The same pipelines schema-bound (what fedslim's client and server exchange: a 4-byte
-# schema digest instead of tensor names and shapes; decoded with the receiver's schema).
+# The same pipelines as fedslim's uplink sends them: schema-bound (a 4-byte schema digest
+# instead of tensor names and shapes) and spec-implied (no spec string, no quantizer
+# block); decoded with the receiver's schema and the spec it asked for.
 SCHEMA_BOUND = [
-    ("topk1%+q4 [schema]", "topk:0.01|q:4"),
-    ("topk0.1%+q4 [schema]", "topk:0.001|q:4"),
-    ("topk1%+q4+ans [schema]", "topk:0.01|q:4|ans"),
-    ("topk0.1%+q4+ans [schema]", "topk:0.001|q:4|ans"),
+    ("topk1%+q4 [uplink]", "topk:0.01|q:4"),
+    ("topk0.1%+q4 [uplink]", "topk:0.001|q:4"),
+    ("topk1%+q4+ans [uplink]", "topk:0.01|q:4|ans"),
+    ("topk0.1%+q4+ans [uplink]", "topk:0.001|q:4|ans"),
 ]
 TARGET_SPEC = "topk:0.01|q:4"
 TARGET_OVER_BOUND = 1.10
@@ -152,12 +153,16 @@ def measure(case: str, label: str, spec: str, update: dict[str, torch.Tensor], d
     schema = {k: tuple(v.shape) for k, v in update.items()} if schema_bound else None
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     gen = torch.Generator(device=device).manual_seed(0)
-    payload = encode_update(on_device, spec, generator=gen, schema_bound=schema_bound)
+    parsed = parse_spec(spec)
+    implied = (str(parsed), getattr(parsed.values, "block", 0)) if schema_bound else (None, 0)
+    payload = encode_update(on_device, spec, generator=gen, schema_bound=schema_bound,
+                            spec_implied=schema_bound)
     t_enc = _median_seconds(lambda: encode_update(on_device, spec, generator=gen,
-                                                  schema_bound=schema_bound), repeats, sync)
-    t_dec = _median_seconds(lambda: decode_update(payload, device=device, schema=schema),
-                            repeats, sync)
-    stats = payload_stats(payload, schema=schema)
+                                                  schema_bound=schema_bound,
+                                                  spec_implied=schema_bound), repeats, sync)
+    t_dec = _median_seconds(lambda: decode_update(payload, device=device, schema=schema,
+                                                  expected_spec=spec), repeats, sync)
+    stats = payload_stats(payload, schema=schema, spec=implied[0], block=implied[1])
     mb = 4 * stats.numel / 1e6
     return Row(case, label, spec, device, stats.numel, stats.kept, stats.payload_bytes,
                4 * stats.numel / stats.payload_bytes, stats.bits_per_kept,

@@ -105,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     update = {k: torch.randn_like(v) * 0.01 for k, v in state.items()}
     schema = {k: tuple(v.shape) for k, v in update.items()}
     limit = sum(v.numel() for v in update.values())
-    # Every pipeline, self-describing and schema-bound (compact records, names from the
-    # receiver's schema: what fedslim's own client and server send).
-    expected = {encode_update(update, s, schema_bound=bound): parse_spec(s)
-                for s in SPECS for bound in (False, True)}
+    # Every pipeline, self-describing, schema-bound (compact records, names from the
+    # receiver's schema: fedslim's downlink) and schema-bound + spec-implied (its uplink).
+    expected = {encode_update(update, s, schema_bound=bound, spec_implied=implied): parse_spec(s)
+                for s in SPECS for bound, implied in ((False, False), (True, False),
+                                                      (True, True))}
     seeds = list(expected)
     rng = np.random.default_rng(args.seed)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -85,10 +85,12 @@ def _codes(rec: TensorRecord) -> np.ndarray:
 
 
 def payload_stats(payload: bytes, max_elements: int = 1 << 31,
-                  schema: Mapping[str, tuple[int, ...]] | None = None) -> PayloadStats:
+                  schema: Mapping[str, tuple[int, ...]] | None = None,
+                  spec: str | None = None, block: int = 0) -> PayloadStats:
     """Measure a payload produced by ``encode_update`` (it is parsed and validated; a
-    schema-bound one needs the ``schema`` it was encoded for)."""
-    _, records = read_payload(payload, max_elements, schema=schema)
+    schema-bound one needs the ``schema`` it was encoded for, a spec-implied one the
+    canonical ``spec`` and its quantizer ``block``)."""
+    _, records = read_payload(payload, max_elements, spec, schema, block)
     bound = entropy_bound = 0.0
     values_bytes, values_entropy = 0, 0.0
     for rec in records:

@@ -178,8 +178,10 @@ def _decode(payload: bytes | bytearray | memoryview, max_elements: int,
         payload = payload.tobytes()
     if max_elements > 1 << 40:
         raise DecodeError(f"max_elements={max_elements} is beyond any model (2^40 cap)")
-    expected = None if expected_spec is None else str(parse_spec(expected_spec))
-    spec_text, records = read_payload(payload, max_elements, expected, schema)
+    asked = None if expected_spec is None else parse_spec(expected_spec)
+    block = getattr(asked.values, "block", 0) if asked is not None else 0
+    spec_text, records = read_payload(payload, max_elements,
+                                      None if asked is None else str(asked), schema, block)
     try:
         spec = parse_spec(spec_text)
     except SpecError as exc:

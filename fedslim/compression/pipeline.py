@@ -123,7 +123,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   return_reconstruction: Literal[False] = ...,
                   max_bytes: int | None = ...,
                   lowrank_state: dict[str, torch.Tensor] | None = ...,
-                  schema_bound: bool = ...) -> bytes: ...
+                  schema_bound: bool = ...,
+                  spec_implied: bool = ...) -> bytes: ...
 
 
 @overload
@@ -132,7 +133,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   return_reconstruction: Literal[True],
                   max_bytes: int | None = ...,
                   lowrank_state: State | None = ...,
-                  schema_bound: bool = ...) -> tuple[bytes, State]:
+                  schema_bound: bool = ...,
+                  spec_implied: bool = ...) -> tuple[bytes, State]:
     ...
 
 
@@ -142,7 +144,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   return_reconstruction: bool,
                   max_bytes: int | None = ...,
                   lowrank_state: State | None = ...,
-                  schema_bound: bool = ...) -> bytes | tuple[bytes, State]:
+                  schema_bound: bool = ...,
+                  spec_implied: bool = ...) -> bytes | tuple[bytes, State]:
     ...
 
 
@@ -151,7 +154,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   return_reconstruction: bool = False,
                   max_bytes: int | None = None,
                   lowrank_state: dict[str, torch.Tensor] | None = None,
-                  schema_bound: bool = False
+                  schema_bound: bool = False,
+                  spec_implied: bool = False
                   ) -> bytes | tuple[bytes, dict[str, torch.Tensor]]:
     """Encode a model update (name -> tensor) into one self-describing payload.
 
@@ -178,6 +182,9 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
         shape) list instead) and every length the record's fields imply: for a receiver
         that holds the model, which must pass ``schema=`` to :func:`decode_update`. All
         tensors must then share one dtype.
+    spec_implied : bool
+        With ``schema_bound``: leave the spec string (and the quantizer block) out too, for
+        a receiver that asked for this spec and passes it as ``expected_spec=``.
 
     Raises
     ------
@@ -198,18 +205,20 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                    if not _is_passthrough(spec, p.flat.numel()))
         payload, recon = encode_within(
             lambda k: encode_prepared(prepared, spec, TopKConfig(count=k, scope=Scope.GLOBAL),
-                                      generator, return_reconstruction, None, schema_bound),
+                                      generator, return_reconstruction, None, schema_bound,
+                                      spec_implied),
             limit, pool, spec)
         return (payload, recon) if return_reconstruction else payload
     payload, recon = encode_prepared(prepared, spec, spec.topk, generator,
-                                     return_reconstruction, lowrank_state, schema_bound)
+                                     return_reconstruction, lowrank_state, schema_bound,
+                                     spec_implied)
     return (payload, recon) if return_reconstruction else payload
 
 
 def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec, select: TopKConfig | None,
                     generator: torch.Generator | None, return_reconstruction: bool,
-                    lowrank_state: dict[str, torch.Tensor] | None, schema_bound: bool = False
-                    ) -> tuple[bytes, dict[str, torch.Tensor]]:
+                    lowrank_state: dict[str, torch.Tensor] | None, schema_bound: bool = False,
+                    spec_implied: bool = False) -> tuple[bytes, dict[str, torch.Tensor]]:
     """The payload (and reconstruction, if asked) with selection ``select``."""
     selected: dict[str, torch.Tensor] = {}
     if select is not None:
@@ -255,7 +264,7 @@ def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec, select: TopKC
                 sent = sent.clone()  # lossless path: never hand back an alias of the input
             recon[p.name] = sent.view(p.tensor.shape)
     return write_payload(str(spec), records, spec.zstd.level if spec.zstd else None,
-                         schema_bound), recon
+                         schema_bound, spec_implied), recon
 
 
 def _rank_of(spec: PipelineSpec, shape: tuple[int, ...], numel: int) -> int:

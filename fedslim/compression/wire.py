@@ -5,7 +5,8 @@ Layout (all integers little-endian; ``varint`` = unsigned LEB128, minimal, <= 10
     header (20 bytes)
       0   4  magic      b"FSLM"
       4   2  version    u16 = 1
-      6   2  flags      u16: bit 0 = schema-bound (below); any other set bit is rejected
+      6   2  flags      u16: bit 0 = schema-bound, bit 1 = spec implied (below); any other
+                         set bit is rejected
       8   8  body_len   u64, bytes after the header (must match exactly)
       16  4  crc32      u32, zlib.crc32 of header[0:16] followed by the body
     body
@@ -49,6 +50,11 @@ model the update is for -- and everything their own fields imply::
 The receiver passes its schema (name -> shape); another digest is rejected before any record
 is read. On the digits CNN this cuts a record's metadata from ~25 to 2-7 bytes.
 
+Spec-implied payloads (flag bit 1, only with bit 0) also leave out what the receiver asked
+for: the spec string (``varint spec_len, spec`` is absent) and the quantizer's block in
+every compact record (it is the spec's). The receiver passes the spec it expects; without
+one such a payload cannot be read. fedslim's uplink uses it (the server chose the spec).
+
 The reader checks the magic, version, flags and body length first, then the checksum, then
 every field in order, comparing each length with what the record's count/shape/codec imply
 *before* slicing or allocating anything sized by the payload; a zstd frame is only inflated
@@ -82,6 +88,8 @@ MAX_NDIM = 32
 MAX_NAME_BYTES = 1 << 16
 SCHEMA_BOUND = 1
 """Header flag: records carry no names, dtypes or shapes (see the module docstring)."""
+SPEC_IMPLIED = 2
+"""Header flag (with SCHEMA_BOUND): no spec string, no quantizer block per record."""
 DIGEST_BYTES = 4
 ZSTD_MIN_GAIN = 1 / 64
 """zstd output is kept only if it saves at least this fraction of a record's data."""
@@ -180,11 +188,19 @@ def _zstd() -> ModuleType | None:
 
 
 def write_payload(spec: str, records: list[TensorRecord], zstd_level: int | None,
-                  schema_bound: bool = False) -> bytes:
+                  schema_bound: bool = False, spec_implied: bool = False) -> bytes:
     """Serialise records under ``spec``; with ``zstd_level``, compress where it pays.
 
     ``schema_bound``: compact records in sorted-name order after the schema digest (all
-    records must share one source dtype); the receiver must pass the same schema."""
+    records must share one source dtype); the receiver must pass the same schema.
+    ``spec_implied`` (schema-bound only): no spec string and no quantizer block (all
+    quantized records must share the spec's); the receiver must pass the spec."""
+    if spec_implied and not schema_bound:
+        raise EncodeError("a spec-implied payload must be schema-bound")
+    blocks = {r.block for r in records if r.value_codec is ValueCodec.QUANT}
+    if spec_implied and len(blocks) > 1:
+        raise EncodeError(f"a spec-implied payload needs one quantizer block, got "
+                          f"{sorted(blocks)}")
     compressor = None
     if zstd_level is not None:
         zstandard = _zstd()
@@ -192,7 +208,8 @@ def write_payload(spec: str, records: list[TensorRecord], zstd_level: int | None
             raise EncodeError("spec asks for zstd but the 'zstandard' package is not installed")
         compressor = zstandard.ZstdCompressor(level=zstd_level)
     spec_bytes = spec.encode("ascii")
-    parts: list[bytes | memoryview] = [_varint(len(spec_bytes)), spec_bytes]
+    parts: list[bytes | memoryview] = ([] if spec_implied
+                                       else [_varint(len(spec_bytes)), spec_bytes])
     if schema_bound:
         dtypes = {rec.source_dtype for rec in records}
         if len(dtypes) > 1:
@@ -221,7 +238,7 @@ def write_payload(spec: str, records: list[TensorRecord], zstd_level: int | None
         position = rec.position_codec << 6 | rec.rice_param
         if schema_bound:
             head = bytearray([coding])
-            if rec.value_codec is ValueCodec.QUANT:
+            if rec.value_codec is ValueCodec.QUANT and not spec_implied:
                 head += _varint(rec.block)
             head.append(position)
             if rec.position_codec not in (PositionCodec.ALL, PositionCodec.LOWRANK):
@@ -248,7 +265,8 @@ def write_payload(spec: str, records: list[TensorRecord], zstd_level: int | None
         parts.append(bytes(head))
         parts.extend(stored)
     body_len = sum(len(part) for part in parts)
-    head16 = HEADER.pack(MAGIC, VERSION, SCHEMA_BOUND if schema_bound else 0, body_len, 0)[:16]
+    flags = (SCHEMA_BOUND if schema_bound else 0) | (SPEC_IMPLIED if spec_implied else 0)
+    head16 = HEADER.pack(MAGIC, VERSION, flags, body_len, 0)[:16]
     crc = zlib.crc32(head16)
     for part in parts:
         crc = zlib.crc32(part, crc)
@@ -301,7 +319,7 @@ def read_header(payload: bytes | bytearray | memoryview) -> tuple[memoryview, in
     if version != VERSION:
         raise DecodeError(f"unsupported wire version {version} at byte 4; this decoder "
                           f"reads version {VERSION}")
-    if flags & ~SCHEMA_BOUND:
+    if flags & ~(SCHEMA_BOUND | SPEC_IMPLIED) or flags == SPEC_IMPLIED:
         raise DecodeError(f"unknown flags 0x{flags:04x} at byte 6")
     if body_len != len(view) - HEADER.size:
         kind = "truncated" if body_len > len(view) - HEADER.size else "trailing bytes"
@@ -316,27 +334,35 @@ def read_header(payload: bytes | bytearray | memoryview) -> tuple[memoryview, in
 
 def read_payload(payload: bytes | bytearray | memoryview, max_elements: int,
                  expected_spec: str | None = None,
-                 schema: Mapping[str, tuple[int, ...]] | None = None
-                 ) -> tuple[str, list[TensorRecord]]:
+                 schema: Mapping[str, tuple[int, ...]] | None = None,
+                 block: int = 0) -> tuple[str, list[TensorRecord]]:
     """Parse and structurally validate a payload into its spec string and records.
 
     ``expected_spec`` (canonical text) and ``schema`` (name -> shape) make the reader
     reject a payload of another pipeline, or with a tensor the receiver does not have or
     of another shape, as soon as the spec string or that record's header is read --
     before anything sized by the payload is sliced, inflated or allocated. A schema-bound
-    payload cannot be read without ``schema``; its digest must match.
+    payload cannot be read without ``schema``; its digest must match. A spec-implied one
+    cannot be read without ``expected_spec`` and that spec's quantizer ``block``.
     """
     body, flags = read_header(payload)
     rd = _Reader(body, HEADER.size)
-    spec_bytes = rd.take(rd.varint("spec length"), "spec string")
-    try:
-        spec = bytes(spec_bytes).decode("ascii")
-    except UnicodeDecodeError:
-        raise rd.fail("spec string is not ASCII") from None
-    if expected_spec is not None and spec != expected_spec:
-        raise rd.fail(f"payload uses pipeline {spec[:80]!r}, expected {expected_spec!r}")
+    if flags & SPEC_IMPLIED:
+        if expected_spec is None:
+            raise rd.fail("the payload leaves its spec out: the receiver must pass the spec "
+                          "it asked for")
+        spec = expected_spec
+    else:
+        spec_bytes = rd.take(rd.varint("spec length"), "spec string")
+        try:
+            spec = bytes(spec_bytes).decode("ascii")
+        except UnicodeDecodeError:
+            raise rd.fail("spec string is not ASCII") from None
+        if expected_spec is not None and spec != expected_spec:
+            raise rd.fail(f"payload uses pipeline {spec[:80]!r}, expected {expected_spec!r}")
     if flags & SCHEMA_BOUND:
-        return spec, _read_bound(rd, max_elements, schema)
+        implied = block if flags & SPEC_IMPLIED else None
+        return spec, _read_bound(rd, max_elements, schema, implied)
     n_tensors = rd.varint("tensor count")
     if n_tensors > len(rd.buf) - rd.pos:  # each record is at least a few bytes
         raise rd.fail(f"tensor count {n_tensors} exceeds the bytes left")
@@ -357,9 +383,10 @@ def read_payload(payload: bytes | bytearray | memoryview, max_elements: int,
     return spec, records
 
 
-def _read_bound(rd: _Reader, max_elements: int,
-                schema: Mapping[str, tuple[int, ...]] | None) -> list[TensorRecord]:
-    """The compact records of a schema-bound payload, names and shapes from ``schema``."""
+def _read_bound(rd: _Reader, max_elements: int, schema: Mapping[str, tuple[int, ...]] | None,
+                implied_block: int | None = None) -> list[TensorRecord]:
+    """The compact records of a schema-bound payload, names and shapes from ``schema``
+    (and, spec-implied, every quantized record's block ``implied_block``)."""
     if schema is None:
         raise rd.fail("schema-bound payload (no tensor names or shapes): the receiver must "
                       "pass its schema")
@@ -384,7 +411,8 @@ def _read_bound(rd: _Reader, max_elements: int,
         budget -= numel
         coding = rd.u8("coding byte")
         quant = coding >> 6 == ValueCodec.QUANT
-        block = rd.varint("block") if quant else 0
+        block = 0 if not quant else (rd.varint("block") if implied_block is None
+                                     else implied_block)
         position = rd.u8("position byte")
         pos_codec = _enum(rd, PositionCodec, position >> 6, "position codec")
         rice = position & 0x3F
