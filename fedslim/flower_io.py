@@ -175,18 +175,12 @@ def to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(out)
 
 
-def apply_delta(prev: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
-                in_place: bool = False) -> dict[str, torch.Tensor]:
+def apply_delta(prev: Mapping[str, torch.Tensor],
+                delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``prev + delta`` on CPU in float32 (entries without a delta are kept).
 
     Client and server both call this on the same inputs, so the result is bit-identical.
-    ``in_place=True`` adds inside ``prev``'s CPU tensors and returns them (the same
-    float32 sums, no model-sized allocation), for a caller that owns them.
     """
-    if in_place:
-        return {k: v.add_(delta[k].to(v.dtype)) if k in delta and v.device.type == "cpu"
-                else (v.cpu() + delta[k].cpu().to(v.dtype)) if k in delta else v
-                for k, v in prev.items()}
     return {k: (v.cpu() + delta[k].cpu().to(v.dtype)) if k in delta else v.cpu().clone()
             for k, v in prev.items()}
 

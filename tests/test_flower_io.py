@@ -44,10 +44,6 @@ def test_server_and_client_reconstruct_bit_identical_globals():
     for k in prev:
         assert torch.equal(server[k], client[k]), k
     assert state_crc(server) == state_crc(client)
-    owned = {k: v.clone() for k, v in prev.items()}  # the node's own copy, added in place
-    in_place = apply_delta(owned, sent, in_place=True)
-    for k in prev:
-        assert torch.equal(in_place[k], server[k]) and in_place[k].data_ptr() == owned[k].data_ptr()
 
 
 def test_state_crc_sees_a_one_ulp_change():

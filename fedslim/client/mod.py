@@ -78,10 +78,9 @@ def _global_file(spill: Path, context: Context) -> Path:
 
 
 def _held(context: Context, stream: int, spill: Path | None = None
-          ) -> tuple[int, State, bool] | None:
-    """The global version this node holds, its weights (from ``context.state`` or, when
-    it was spilled, from the file whose token the context remembers) and whether they
-    were read from that file (fresh tensors nobody else holds)."""
+          ) -> tuple[int, State] | None:
+    """The global version this node holds and its weights (from ``context.state`` or, when
+    it was spilled, from the file whose token the context remembers)."""
     meta = context.state.config_records.get(STATE_META)
     if meta is None or meta.get("stream") != stream:
         return None
@@ -91,7 +90,7 @@ def _held(context: Context, stream: int, spill: Path | None = None
     if token is None:
         if STATE_GLOBAL not in context.state:
             return None
-        return version, to_state(context.state.array_records[STATE_GLOBAL]), False
+        return version, to_state(context.state.array_records[STATE_GLOBAL])
     if spill is None:
         return None
     path = _global_file(spill, context)
@@ -99,7 +98,7 @@ def _held(context: Context, stream: int, spill: Path | None = None
         with safe_open(str(path), framework="pt") as fh:
             if (fh.metadata() or {}).get("token") != str(token):
                 return None
-        return version, load_file(str(path)), True
+        return version, load_file(str(path))
     except Exception as exc:  # a lost copy: the server's message will say what is missing
         log.warning("cannot read the held global model %s: %s", path, exc)
         return None
@@ -129,9 +128,8 @@ InitialState = Callable[[Context], State]
 
 
 def _base_state(context: Context, head: DownlinkHeader,
-                initial_state: InitialState | None, spill: Path | None) -> tuple[State, bool]:
-    """The version the message builds on: held, or (``init_crc``) built here; and whether
-    its tensors are this call's own (read from the node's file) to add into."""
+                initial_state: InitialState | None, spill: Path | None) -> State:
+    """The version the message builds on: held, or (``init_crc``) built here."""
     if head.init_crc:
         if initial_state is None:
             raise DecodeError("downlink: the server asks this node to build the initial "
@@ -141,13 +139,13 @@ def _base_state(context: Context, head: DownlinkHeader,
         if state_crc(state) != head.init_crc:
             raise DecodeError("downlink: the initial model built here differs from the "
                               "server's (CRC mismatch): different model, seed or device")
-        return state, False
+        return state
     held = _held(context, head.stream, spill)
     if held is None or held[0] != head.base:
         raise DecodeError(f"downlink: message builds on global version {head.base} but "
                           f"this node holds {None if held is None else held[0]}; the "
                           "server must send the full model")
-    return held[1], held[2]
+    return held[1]
 
 
 def receive_global(msg: Message, context: Context, head: DownlinkHeader,
@@ -167,9 +165,7 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader,
             raise DecodeError(f"downlink: no {head.arrays_key!r} record and no base version")
         state = to_state(content.array_records[head.arrays_key])
     else:
-        # A copy just read from this node's file is ours to add into; one from the context
-        # (or a freshly built model) may share memory with something else.
-        state, owned = _base_state(context, head, initial_state, spill)
+        state = _base_state(context, head, initial_state, spill)
         steps = head.version - head.base
         if steps > MAX_CHAIN:
             raise DecodeError(f"downlink: a catch-up of {steps} steps exceeds {MAX_CHAIN}")
@@ -186,8 +182,7 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader,
                     if k not in state or v.shape != state[k].shape:
                         raise DecodeError(f"downlink: delta tensor {k!r} does not fit the "
                                           "held model")
-                state = apply_delta(state, delta, in_place=owned)  # step by step, as the
-                owned = True                                          # server did
+                state = apply_delta(state, delta)  # step by step, as the server did
     if head.keep and not (head.base >= 0 and not head.init_crc and head.version == head.base):
         _keep_global(context, head, state, spill)  # (the held copy is this version already)
     return state
@@ -306,7 +301,7 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
         path = _ef_file(state_dir, context, head)
         ef = _error_feedback(context, head, path) if head.error_feedback else None
         if ef is not None:
-            update = ef.apply(update, in_place=True)  # (update: fresh tensors of ours)
+            update = ef.apply(update)
         gen = make_generator(head.seed, _node_key(context), head.server_round, 7)
         room = _payload_room(reply, key, spec, start, keys, len(
             _header(head, start, encode_seconds=0.0, crc=0).pack()))

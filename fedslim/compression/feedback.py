@@ -53,12 +53,8 @@ class ErrorFeedback:
             ef._residual[str(name)] = residual.clone() if copy else residual
         return ef
 
-    def apply(self, update: Mapping[str, torch.Tensor],
-              in_place: bool = False) -> dict[str, torch.Tensor]:
+    def apply(self, update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``update + residual`` per tensor (float32; the residual is zero for new names).
-
-        ``in_place=True`` adds inside ``update``'s float32 tensors and returns them (no
-        model-sized allocation), for a caller that owns them and no longer needs them.
 
         Raises
         ------
@@ -67,17 +63,15 @@ class ErrorFeedback:
         """
         out: dict[str, torch.Tensor] = {}
         for name, tensor in update.items():
-            fresh = not (in_place and tensor.dtype == torch.float32)
             value = tensor.detach().to(torch.float32)
             residual = self._residual.get(name)
             if residual is None:
-                out[name] = value.clone() if fresh else value
+                out[name] = value.clone()
                 continue
             if residual.shape != value.shape:
                 raise EncodeError(f"tensor {name!r} has shape {tuple(value.shape)} but its "
                                   f"error-feedback residual has {tuple(residual.shape)}")
-            residual = residual.to(value.device)
-            out[name] = value + residual if fresh else value.add_(residual)
+            out[name] = value + residual.to(value.device)
         return out
 
     def record(self, corrected: Mapping[str, torch.Tensor],
