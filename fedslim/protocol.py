@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedslim.errors import UpdateRejected
 
@@ -243,3 +243,15 @@ class UplinkHeader:
         if end != len(data):
             raise UpdateRejected(f"{who}: {len(data) - end} trailing header bytes")
         return header
+
+
+HELLO = "fedslim_hello"
+"""Query action (``query.fedslim_hello``): a node answers with its ``partition-id``, so
+the server can sample nodes in an order that does not depend on random node ids."""
+
+
+def answer_hello(msg: Message, partition_id: object) -> Message:
+    """A ClientApp's answer to ``query.fedslim_hello``: its partition id (or none)."""
+    rec = ConfigRecord({"partition-id": partition_id} if isinstance(partition_id, int)
+                       and not isinstance(partition_id, bool) else {})
+    return Message(RecordDict({HELLO: rec}), reply_to=msg)

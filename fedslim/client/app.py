@@ -31,11 +31,13 @@ from fedslim.flower_io import to_state
 from fedslim.protocol import (
     ARRAYS,
     CONFIG,
+    HELLO,
     METRICS,
     NUM_PARTITIONS,
     PARTITION_ID,
     SERVER_ROUND,
     MetricValue,
+    answer_hello,
 )
 from fedslim.task.data import client_data, load_splits
 from fedslim.task.models import build_model, seeded_model
@@ -136,6 +138,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
         local = {k: v.detach().cpu() for k, v in rt.model.state_dict().items()}
         content = RecordDict({ARRAYS: ArrayRecord(local), METRICS: MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
+
+    @client_app.query(HELLO)
+    def hello(msg: Message, context: Context) -> Message:
+        """The server asks each node once for its partition id (stable sampling order)."""
+        return answer_hello(msg, context.node_config.get(PARTITION_ID))
 
     @client_app.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:

@@ -31,7 +31,7 @@ from fedslim.errors import FedslimError
 from fedslim.flower_io import state_record, to_state
 from fedslim.protocol import SERVER_ROUND
 from fedslim.strategies.aggregate import ServerOptimizer, apply_step, float_keys, weighted_mean
-from fedslim.strategies.common import aggregate_metrics, seeded_sample
+from fedslim.strategies.common import aggregate_metrics, discover_partitions, seeded_sample
 from fedslim.strategies.stream import Update
 from fedslim.strategies.uplink import check_weight, reply_order
 
@@ -51,15 +51,19 @@ class FedslimFedAvg(FedAvg):
         self.opt = ServerOptimizer(server_opt, server_lr, server_momentum)
         self.current: dict[str, torch.Tensor] = {}
         self._current_arrays: ArrayRecord | None = None
+        self.partitions: dict[int, int | None] = {}  # node id -> partition id (discovered)
 
     # -- sampling -------------------------------------------------------------------
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                   grid: Grid, fraction: float, min_nodes: int, mtype: str) -> list[Message]:
         if fraction == 0.0:
             return []
+        if fraction < 1.0:  # which nodes a seed picks must not depend on random node ids
+            discover_partitions(grid, self.partitions)
         node_ids = seeded_sample(grid, self.min_available_nodes, fraction, min_nodes,
                                  self.seed, server_round,
-                                 salt=0 if mtype == MessageType.TRAIN else 1)
+                                 salt=0 if mtype == MessageType.TRAIN else 1,
+                                 partitions=self.partitions)
         config[SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return list(self._construct_messages(record, node_ids, mtype))

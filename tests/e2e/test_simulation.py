@@ -99,12 +99,13 @@ def _alive(pid: int) -> bool:
 def test_kill_9_mid_run_then_resume_loses_no_completed_round(tmp_path):
     """SIGKILL of the whole simulation after round 2 (no clean-up can run): results.json and
     the checkpoint hold the completed rounds; resuming (compressed both ways) finishes the
-    run exactly as an uninterrupted one."""
+    run exactly as an uninterrupted one. Two of three clients train per round: the resumed
+    process has new (random) node ids, and must still pick the same partitions."""
     import signal as _signal
 
     from tests.conftest import session_processes
 
-    extra = ("-c", "uplink=topk:0.1|q:4", "-c", "server-opt=avgm")
+    extra = ("-c", "uplink=topk:0.1|q:4", "-c", "server-opt=avgm", "-c", "fraction-train=0.67")
     full, part = tmp_path / "full", tmp_path / "part"
     simulate(full, 3, 5, *extra)
     proc = subprocess.Popen(
