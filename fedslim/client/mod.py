@@ -20,7 +20,6 @@ Mod order: Flower runs mods first to last around the app; mods listed *before*
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -64,7 +63,7 @@ from fedslim.protocol import (
     DownlinkHeader,
     UplinkHeader,
 )
-from fedslim.server.storage import save_model
+from fedslim.server.storage import overwrite_model
 from fedslim.strategies.aggregate import State, float_keys
 from fedslim.task.train import make_generator
 
@@ -73,8 +72,11 @@ log = logging.getLogger("flwr").getChild("fedslim")
 MAX_CHAIN = 256  # catch-up steps a node accepts in one message (the server keeps <= 32)
 
 
-def _global_file(spill: Path, context: Context) -> Path:
-    return spill / f"global-{_node_key(context)}.safetensors"
+def _global_file(spill: Path, context: Context, slot: int) -> Path:
+    """One of the node's two slots for its held copy: each write goes to the slot the
+    context does not point at, so the current copy (possibly still mapped) is never
+    overwritten and a torn write leaves a token mismatch, never a wrong model."""
+    return spill / f"global-{_node_key(context)}.{slot}.safetensors"
 
 
 def _held(context: Context, stream: int, spill: Path | None = None
@@ -84,8 +86,8 @@ def _held(context: Context, stream: int, spill: Path | None = None
     meta = context.state.config_records.get(STATE_META)
     if meta is None or meta.get("stream") != stream:
         return None
-    version, token = meta.get("version"), meta.get("file-token")
-    if not isinstance(version, int):
+    version, token, slot = meta.get("version"), meta.get("file-token"), meta.get("slot", 0)
+    if not isinstance(version, int) or slot not in (0, 1):
         return None
     if token is None:
         if STATE_GLOBAL not in context.state:
@@ -93,7 +95,7 @@ def _held(context: Context, stream: int, spill: Path | None = None
         return version, to_state(context.state.array_records[STATE_GLOBAL])
     if spill is None:
         return None
-    path = _global_file(spill, context)
+    path = _global_file(spill, context, 1 if slot == 1 else 0)
     try:
         with safe_open(str(path), framework="pt") as fh:
             if (fh.metadata() or {}).get("token") != str(token):
@@ -109,11 +111,14 @@ def _keep_global(context: Context, head: DownlinkHeader, state: State,
     meta: dict[str, int] = {"stream": head.stream, "version": head.version}
     spilled = False
     if spill is not None:
+        old = context.state.config_records.get(STATE_META)
+        slot = 0 if old is None or old.get("slot") != 0 else 1  # the one not pointed at
         try:
             token = secrets.randbits(62)
-            save_model(_global_file(spill, context), state, {"token": str(token)},
-                       durable=False)  # (lost on a power cut: the server resends)
-            meta["file-token"], spilled = token, True
+            # In place (the slot's cached pages are reused), never into the current slot;
+            # lost on a power cut or torn: the token no longer matches, the server resends.
+            overwrite_model(_global_file(spill, context, slot), state, {"token": str(token)})
+            meta["file-token"], meta["slot"], spilled = token, slot, True
         except OSError as exc:  # no room on disk: keep it in memory instead
             log.warning("cannot spill the global model to %s: %s", spill, exc)
     if spilled:
@@ -201,12 +206,20 @@ def _node_key(context: Context) -> int:
 StateDir = Callable[[Context], Path | None]
 
 
-def _ef_file(state_dir: StateDir | None, context: Context, head: DownlinkHeader
-             ) -> Path | None:
+def _ef_files(state_dir: StateDir | None, context: Context, head: DownlinkHeader
+              ) -> tuple[Path, Path] | None:
+    """The node's two residual slots (see :func:`_error_feedback`)."""
     if state_dir is None or not head.lineage:
         return None
     directory = state_dir(context)
-    return None if directory is None else directory / f"ef-{_node_key(context)}.safetensors"
+    if directory is None:
+        return None
+    key = _node_key(context)
+    return directory / f"ef-{key}.0.safetensors", directory / f"ef-{key}.1.safetensors"
+
+
+_ROUND_WIDTH = 20  # a residual file's round, padded: the final header has the length of
+# the placeholder (-1, "being written") it replaces once the data is in
 
 
 def _file_round(path: Path, lineage: int) -> int | None:
@@ -214,42 +227,41 @@ def _file_round(path: Path, lineage: int) -> int | None:
     try:
         with safe_open(str(path), framework="pt") as fh:
             info = fh.metadata() or {}
-        return int(info["round"]) if info.get("lineage") == str(lineage) else None
+        written = int(info["round"]) if info.get("lineage") == str(lineage) else None
+        return None if written is None or written < 0 else written
     except Exception as exc:  # a damaged file is a lost residual, not a failed round
         log.warning("ignoring error-feedback file %s: %s", path, exc)
         return None
 
 
-def _previous(path: Path) -> Path:
-    return path.with_name(path.name + ".prev")
-
-
-def _error_feedback(context: Context, head: DownlinkHeader, path: Path | None
-                    ) -> ErrorFeedback:
+def _error_feedback(context: Context, head: DownlinkHeader,
+                    slots: tuple[Path, Path] | None) -> tuple[ErrorFeedback, Path | None]:
     """This node's residual: from ``context.state`` (same server stream), else from its
     file (same run lineage, the newest written before this round: the server resumed),
-    else zero.
+    else zero; and the slot it was read from.
 
-    Two files are kept: the newest and the one before. A node can finish round r (and
-    write its residual) while the server dies before recording round r; the resumed server
-    repeats round r, which must start from the residual written after round r - 1.
+    Two slots are kept: the newest residual and the one before. A node can finish round r
+    (and write its residual) while the server dies before recording round r; the resumed
+    server repeats round r, which must start from the residual written after round r - 1.
+    The new residual is written into the slot *not* read (whose tensors are still mapped).
     """
     meta = context.state.config_records.get(STATE_EF_META)
     rec = context.state.array_records.get(STATE_EF)
     if rec is not None and meta is not None and meta.get("stream") == head.stream:
         last = meta.get("round")
         if _fresh(head, last if isinstance(last, int) else None):
-            return ErrorFeedback.from_state(to_state(rec))
-        return ErrorFeedback()
-    if path is not None:
-        found = [(r, f) for f in (path, _previous(path)) if f.is_file()
+            return ErrorFeedback.from_state(to_state(rec)), None
+        return ErrorFeedback(), None
+    if slots is not None:
+        found = [(r, f) for f in slots if f.is_file()
                  and (r := _file_round(f, head.lineage)) is not None and r < head.server_round]
         if found and _fresh(head, max(found)[0]):
+            newest = max(found)[1]
             try:
-                return ErrorFeedback.from_state(load_file(str(max(found)[1])), copy=False)
+                return ErrorFeedback.from_state(load_file(str(newest)), copy=False), newest
             except Exception as exc:
-                log.warning("ignoring error-feedback file %s: %s", max(found)[1], exc)
-    return ErrorFeedback()  # a new run (old residuals do not apply), or a stale residual
+                log.warning("ignoring error-feedback file %s: %s", newest, exc)
+    return ErrorFeedback(), None  # a new run (old residuals do not apply), or stale
 
 
 def _fresh(head: DownlinkHeader, last_round: int | None) -> bool:
@@ -259,19 +271,27 @@ def _fresh(head: DownlinkHeader, last_round: int | None) -> bool:
     return head.server_round - last_round <= head.ef_reset_after
 
 
-def _persist(ef: ErrorFeedback, path: Path | None, head: DownlinkHeader) -> None:
-    if path is None:
+def _persist(ef: ErrorFeedback, slots: tuple[Path, Path] | None, loaded: Path | None,
+             head: DownlinkHeader) -> None:
+    """Write the residual into the slot it was not read from (or the older one), in place
+    (the slot's cached pages are reused): the round goes in last, so a process killed
+    mid-write leaves a file marked "being written" that no round will read. Lost on a
+    power cut (no fsync): the residual restarts at zero."""
+    if slots is None:
         return
+    if loaded is None:  # nothing read this round: overwrite the older (or a missing) slot
+        rounds = [(_file_round(f, head.lineage) if f.is_file() else None) for f in slots]
+        older = [-1 if r is None else r for r in rounds]
+        target = slots[0] if older[0] <= older[1] else slots[1]
+    else:
+        target = slots[1] if loaded == slots[0] else slots[0]
+    lineage = str(head.lineage)
     try:
-        if path.is_file():  # keep the residual this round started from (see above)
-            written = _file_round(path, head.lineage)
-            if written is not None and written < head.server_round:
-                os.replace(path, _previous(path))
-        save_model(path, ef.residuals(), {"lineage": str(head.lineage),
-                                           "round": str(head.server_round)},
-                   durable=False)  # (lost on a power cut: the residual restarts at zero)
+        overwrite_model(target, ef.residuals(),
+                        {"lineage": lineage, "round": f"{-1:>{_ROUND_WIDTH}}"},
+                        {"lineage": lineage, "round": f"{head.server_round:>{_ROUND_WIDTH}}"})
     except OSError as exc:  # no place to keep it: resuming will start it from zero
-        log.warning("cannot persist the error-feedback residual to %s: %s", path, exc)
+        log.warning("cannot persist the error-feedback residual to %s: %s", target, exc)
 
 
 def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: State,
@@ -298,8 +318,9 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
     if not spec.is_identity:  # (plain replies are passed on as the app made them)
         local = to_state(records[key])
         update = {k: local[k] - start[k] for k in keys}
-        path = _ef_file(state_dir, context, head)
-        ef = _error_feedback(context, head, path) if head.error_feedback else None
+        slots = _ef_files(state_dir, context, head)
+        ef, loaded = _error_feedback(context, head, slots) if head.error_feedback \
+            else (None, None)
         if ef is not None:
             update = ef.apply(update)
         gen = make_generator(head.seed, _node_key(context), head.server_round, 7)
@@ -318,11 +339,11 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
             context.state[STATE_LOWRANK] = ArrayRecord(lowrank_state)
         if ef is not None:  # (update: apply()'s fresh tensors, not needed after this)
             ef.record(update, sent, in_place=True)
-            if spill is None or path is None:  # (spilled: its file is the only copy)
+            if spill is None or slots is None:  # (spilled: its file is the only copy)
                 context.state[STATE_EF] = ArrayRecord(ef.state_dict())
                 context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream,
                                                              "round": head.server_round})
-            _persist(ef, path, head)
+            _persist(ef, slots, loaded, head)
     header = _header(head, start, encode_seconds=time.perf_counter() - t0,
                      decode_seconds=decode_seconds)
     if spec.is_identity:  # plain weights: the header rides in its own small record

@@ -43,13 +43,13 @@ def test_a_node_that_already_holds_the_version_does_not_rewrite_its_copy(tmp_pat
     import fedslim.client.mod as mod_module
 
     writes: list[str] = []
-    real = mod_module.save_model
+    real = mod_module.overwrite_model
 
     def counting(path, *args, **kwargs):  # type: ignore[no-untyped-def]
         writes.append(path.name)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(mod_module, "save_model", counting)
+    monkeypatch.setattr(mod_module, "overwrite_model", counting)
     mod = make_compression_mod(state_dir=lambda ctx: tmp_path / "state", spill=True)
     grid = LoopbackGrid(make_quickstart_app([mod]), 2)
     strategy = Compressed(FedslimFedAvg(fraction_train=1.0, fraction_evaluate=1.0, seed=2),
@@ -59,3 +59,6 @@ def test_a_node_that_already_holds_the_version_does_not_rewrite_its_copy(tmp_pat
     # Per node: round 1 train (first copy) + one per evaluate message (a new version each
     # round); the train messages of rounds 2 and 3 find the version held: no write.
     assert len(held) == 2 * (1 + 3), writes
+    for node in ("0", "1"):  # each write goes to the slot the node does not hold now
+        slots = [w.split(".")[1] for w in held if w.startswith(f"global-{node}.")]
+        assert slots == ["0", "1", "0", "1"], slots

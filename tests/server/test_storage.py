@@ -93,3 +93,22 @@ def test_zero_copy_safetensors_load_back_exactly(tmp_path) -> None:
         assert fh.metadata() == {"round": "3", "note": "é"}
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     assert header_len % 8 == 0  # the data section starts 8-byte aligned
+
+
+def test_overwrite_model_rewrites_in_place_and_truncates(tmp_path):
+    from safetensors.torch import load_file
+
+    from fedslim.server.storage import overwrite_model
+
+    path = tmp_path / "slot.safetensors"
+    big = {"w": torch.randn(300, 20), "b": torch.randn(20)}
+    small = {"w": torch.randn(3, 2)}
+    overwrite_model(path, big, {"token": "1"})
+    inode = path.stat().st_ino
+    overwrite_model(path, small, {"token": "22"})  # shorter: the tail must go
+    assert path.stat().st_ino == inode  # the same file, written into
+    back = load_file(str(path))
+    assert back.keys() == small.keys() and torch.equal(back["w"], small["w"])
+    overwrite_model(path, big, {"token": "3"})
+    back = load_file(str(path))
+    assert all(torch.equal(back[k], v) for k, v in big.items())
