@@ -89,6 +89,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
     **{f"budget x{r} + q4 + ans, pass:0, momentum": {
         "uplink": f"budget:x{r}|q:4|ans|pass:0", **_MOMENTUM, **_ONE_WAY}
        for r in (10, 15, 20, 30, 40, 50, 60, 75, 100, 500)},
+    # partial participation (issue 16): the x100 recipe with fewer bits or other server steps
+    "budget x100 + q2 + ans, pass:0, momentum": {"uplink": "budget:x100|q:2|ans|pass:0",
+                                                 **_MOMENTUM, **_ONE_WAY},
+    "budget x100 + q4 + ans, pass:0, momentum 0.7": {
+        "uplink": "budget:x100|q:4|ans|pass:0", **_MOMENTUM, "server-momentum": 0.7,
+        **_ONE_WAY},
+    "budget x100 + q4 + ans, pass:0, momentum, server lr 1.5": {
+        "uplink": "budget:x100|q:4|ans|pass:0", **_MOMENTUM, "server-lr": 1.5, **_ONE_WAY},
     # both directions with the issue-15 uplink and entropy-coded downlink steps
     "both ways: budget x250 + q4 + ans, pass:0; down topk 5% + q4 + ans": {
         "uplink": "budget:x250|q:4|ans|pass:0", **_MOMENTUM, "downlink": "topk:0.05|q:4|ans"},
