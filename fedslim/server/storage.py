@@ -94,21 +94,25 @@ def safetensors_parts(state: dict[str, torch.Tensor], metadata: dict[str, str] |
     tensors = _contiguous(state)
     if sys.byteorder != "little" or any(t.dtype not in _ST_DTYPES for t in tensors.values()):
         return [st_save(tensors, metadata=metadata)]
+    views = [t.reshape(-1).view(torch.uint8).numpy().data for t in tensors.values()
+             if t.numel()]
+    raw = _header(tensors, metadata)
+    return [len(raw).to_bytes(8, "little"), raw, *views]
+
+
+def _header(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> bytes:
+    """A safetensors JSON header for contiguous ``tensors`` stored in order."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    views: list[bytes | memoryview] = []
     offset = 0
     for name, t in tensors.items():
         size = t.numel() * t.element_size()
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
-        if size:
-            views.append(t.reshape(-1).view(torch.uint8).numpy().data)
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned (as safetensors writes)
-    return [len(raw).to_bytes(8, "little"), raw, *views]
+    return raw + b" " * (-len(raw) % 8)  # the data starts 8-byte aligned (as safetensors)
 
 
 def save_model(path: Path, state: dict[str, torch.Tensor],
@@ -134,9 +138,13 @@ def overwrite_model(path: Path, state: dict[str, torch.Tensor],
     the very same length), so a process killed mid-write leaves ``metadata`` -- e.g. a
     placeholder the reader ignores -- in front of the torn data, never the final one."""
     parts = safetensors_parts(state, metadata)
-    final = None if final_metadata is None else safetensors_parts(state, final_metadata)[:2]
-    if final is not None and len(final[1]) != len(parts[1]):
-        raise ValueError("final_metadata must give a header of the same length")
+    final = None
+    if final_metadata is not None:  # (the header only: the data parts are not built again)
+        if len(parts) < 2:
+            raise ValueError("final_metadata needs dtypes safetensors_parts writes itself")
+        final = _header(_contiguous(state), final_metadata)
+        if len(final) != len(parts[1]):
+            raise ValueError("final_metadata must give a header of the same length")
     with open(path, "r+b" if path.exists() else "wb") as fh:
         for part in parts:
             fh.write(part)
@@ -144,7 +152,7 @@ def overwrite_model(path: Path, state: dict[str, torch.Tensor],
         if final is not None:
             fh.flush()
             fh.seek(8)
-            fh.write(final[1])
+            fh.write(final)
 
 
 def load_model(path: Path) -> dict[str, torch.Tensor]:
