@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import Array, ConfigRecord, Context, Message
 
 from fedslim.client import compression_mod
 from fedslim.config import parse_run_config
@@ -68,6 +68,27 @@ def test_no_round_aggregated_ends_with_a_clear_error_in_results(tmp_path):
     assert res.final.error and "no round aggregated" in res.final.error
     assert (tmp_path / "model.safetensors").exists()
     assert all(len(r.rejects) == 3 for r in res.rounds)
+
+
+def test_a_reply_with_a_reshaped_tensor_is_refused_on_the_node_with_its_name(tmp_path):
+    """An app whose reply has the right names but another shape: the node says which
+    tensor and both shapes (no broadcasting into a wrong update); the round goes on."""
+    def reshape(msg, context, call_next):  # type: ignore[no-untyped-def]
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train":
+            arrays = next(iter(reply.content.array_records.values()))
+            name = next(iter(arrays.keys()))
+            value = arrays[name].numpy()
+            arrays[name] = Array(value.reshape(-1, 1) if value.ndim == 1
+                                 else value.reshape(value.shape[0], -1)[:, :1])
+        return reply
+
+    cfg = parse_run_config({**BLOBS, "output-dir": str(tmp_path), "client.lr": 0.1,
+                            "uplink": "topk:0.25|q:8", "num-server-rounds": 1,
+                            "shared-init": False})
+    res = run_server(LoopbackGrid(make_quickstart_app([compression_mod, reshape]), 3), cfg)
+    train = [x for x in res.rounds[0].rejects if x.phase == "train"]
+    assert len(train) == 3 and all("has shape" in x.reason for x in train), train
 
 
 def test_a_client_without_the_mod_is_rejected_loudly_and_failed_evaluations_count(tmp_path):

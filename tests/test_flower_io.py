@@ -46,6 +46,23 @@ def test_server_and_client_reconstruct_bit_identical_globals():
     assert state_crc(server) == state_crc(client)
 
 
+def test_apply_delta_is_plain_addition_into_fresh_tensors():
+    """Huge-page output buffers change nothing: the bits of ``prev + delta``, new tensors,
+    inputs untouched, entries without a delta copied, other dtypes kept."""
+    g = torch.Generator().manual_seed(1)
+    prev = {"w": torch.randn(3000, 7, generator=g), "b": torch.randn(7, generator=g),
+            "n": torch.arange(5), "h": torch.randn(9, generator=g).half()}
+    delta = {"w": torch.randn(3000, 7, generator=g), "h": torch.randn(9, generator=g)}
+    before = {k: v.clone() for k, v in prev.items()}
+    out = apply_delta(prev, delta)
+    assert torch.equal(out["w"], prev["w"] + delta["w"])
+    assert torch.equal(out["h"], prev["h"] + delta["h"].half()) and out["h"].dtype == torch.half
+    for k in prev:
+        assert torch.equal(prev[k], before[k]) and out[k].data_ptr() != prev[k].data_ptr()
+        assert out[k].shape == prev[k].shape and out[k].is_contiguous()
+    assert torch.equal(out["n"], prev["n"]) and torch.equal(out["b"], prev["b"])
+
+
 def test_state_crc_sees_a_one_ulp_change():
     s = {"w": torch.ones(4)}
     t = {"w": torch.nextafter(torch.ones(4), torch.full((4,), 2.0))}

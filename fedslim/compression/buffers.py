@@ -30,6 +30,13 @@ def empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(n, dtype=dtype, device=device)
 
 
+def like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of ``t``'s shape, dtype and device: an ``out=`` target that
+    faults in as huge pages on CPU (a fresh torch result of 10M float32 costs 14 ms here,
+    this 5 ms)."""
+    return empty(t.numel(), t.dtype, t.device).view(t.shape)
+
+
 def zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled 1-D tensor of ``n`` elements (lazily zeroed pages on CPU)."""
     if device.type == "cpu" and dtype in _NUMPY_DTYPES:

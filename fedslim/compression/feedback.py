@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 import torch
 
+from fedslim.compression import buffers
 from fedslim.compression.buffers import all_finite
 from fedslim.errors import DecodeError, EncodeError
 
@@ -53,8 +54,13 @@ class ErrorFeedback:
             ef._residual[str(name)] = residual.clone() if copy else residual
         return ef
 
-    def apply(self, update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def apply(self, update: Mapping[str, torch.Tensor], in_place: bool = False
+              ) -> dict[str, torch.Tensor]:
         """``update + residual`` per tensor (float32; the residual is zero for new names).
+
+        ``in_place=True`` adds the residual inside ``update``'s float32 tensors and returns
+        them -- no model-sized allocation -- for a caller that owns them (e.g. a fresh
+        ``local - global``); other dtypes are converted into fresh tensors as usual.
 
         Raises
         ------
@@ -63,15 +69,18 @@ class ErrorFeedback:
         """
         out: dict[str, torch.Tensor] = {}
         for name, tensor in update.items():
+            owned = in_place and tensor.dtype == torch.float32
             value = tensor.detach().to(torch.float32)
             residual = self._residual.get(name)
             if residual is None:
-                out[name] = value.clone()
+                out[name] = value if owned else value.clone()
                 continue
             if residual.shape != value.shape:
                 raise EncodeError(f"tensor {name!r} has shape {tuple(value.shape)} but its "
                                   f"error-feedback residual has {tuple(residual.shape)}")
-            out[name] = value + residual.to(value.device)
+            residual = residual.to(value.device)
+            out[name] = value.add_(residual) if owned else torch.add(
+                value, residual, out=buffers.like(value))
         return out
 
     def record(self, corrected: Mapping[str, torch.Tensor],

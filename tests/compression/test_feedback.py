@@ -96,3 +96,23 @@ def test_in_place_record_is_bit_identical(seed: int, text: str) -> None:
             ra, rb = a.residual(n), b.residual(n)
             assert ra is not None and rb is not None and torch.equal(ra, rb)
             assert rb.data_ptr() == cb[n].data_ptr()  # (float32: reused, not copied)
+
+
+def test_apply_in_place_adds_into_the_callers_float32_tensors() -> None:
+    """``in_place=True``: same values as the copying form; float32 inputs are reused (no
+    model-sized allocation), other dtypes converted into new tensors, untouched."""
+    g = torch.Generator().manual_seed(3)
+    ef = ErrorFeedback.from_state({"w": torch.randn(50, 4, generator=g),
+                                   "v": torch.randn(30, generator=g)})
+    update = {"w": torch.randn(50, 4, generator=g), "v": torch.randn(30, generator=g).double(),
+              "new": torch.randn(6, generator=g)}
+    wanted = ef.apply(update)
+    v_before = update["v"].clone()
+    got = ef.apply(update, in_place=True)
+    for k in update:
+        assert torch.equal(got[k], wanted[k]), k
+    assert got["w"].data_ptr() == update["w"].data_ptr()
+    assert got["new"].data_ptr() == update["new"].data_ptr()
+    assert got["v"].dtype == torch.float32 and torch.equal(update["v"], v_before)
+    with pytest.raises(EncodeError, match="residual has"):
+        ef.apply({"w": torch.zeros(4, 50)}, in_place=True)
