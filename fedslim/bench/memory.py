@@ -12,7 +12,8 @@ process's peak RSS (``getrusage`` high-water mark of the process that runs the S
 and the time split of the round. Prints the growth of the server's peak from the fewest
 to the most clients, in units of the model's fp32 size, and the codec share of the
 clients' time: (uplink encode + downlink decode) / (train + encode + decode), each as the
-nodes measure and report it in their uplink headers.
+nodes measure and report it in their uplink headers -- over the whole run and per round
+(a node's first rounds also create its state files, later rounds rewrite them in place).
 """
 
 from __future__ import annotations
@@ -71,7 +72,16 @@ def run(args: argparse.Namespace, clients: int, mode: str, out: Path) -> dict[st
             "server_decode_seconds": decode,
             "server_aggregate_seconds": sum(r.resources.server_aggregate_seconds
                                             for r in rounds if r.resources),
-            "test_accuracy": res.final.test_accuracy if res.final else None}
+            "test_accuracy": res.final.test_accuracy if res.final else None,
+            "codec_share_per_round": [_share(r.resources) for r in rounds
+                                      if r.resources]}
+
+
+def _share(res: Any) -> float:
+    """(encode + decode) / (train + encode + decode) of one round's nodes."""
+    codec = res.client_encode_seconds + res.client_decode_seconds
+    total = res.client_train_seconds + codec
+    return codec / total if total > 0 else 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['client_train_seconds']:.1f} s)"
               f"; server decode {r['server_decode_seconds']:.1f} s, aggregate "
               f"{r['server_aggregate_seconds']:.1f} s")
+        print("        per round: " + ", ".join(
+            f"{i}: {100 * x:.1f}%" for i, x in enumerate(r["codec_share_per_round"], 1)))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model_mb": model_mb, "args": {

@@ -43,6 +43,7 @@ from fedslim.errors import DecodeError, EncodeError
 from fedslim.flower_io import (
     COMPACT_MAX,
     apply_delta,
+    array_tensor,
     chain_from_record,
     content_bytes,
     fold_reply,
@@ -72,6 +73,10 @@ from fedslim.task.train import make_generator
 log = logging.getLogger("flwr").getChild("fedslim")
 
 MAX_CHAIN = 256  # catch-up steps a node accepts in one message (the server keeps <= 32)
+# Roles of the model-sized buffers a node reuses from round to round (buffers.scratch):
+# the global model this message brings (alive until the reply is encoded), a sparse
+# tensor made dense (the downlink delta, then the uplink's reconstruction), the update.
+SCRATCH_GLOBAL, SCRATCH_SPARSE, SCRATCH_UPDATE = "node-global", "node-sparse", "node-update"
 
 
 def _global_file(spill: Path, context: Context, slot: int) -> Path:
@@ -183,13 +188,19 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader,
             keys = float_keys(state)
             limit = max(sum(state[k].numel() for k in keys), 1)
             schema = {k: tuple(state[k].shape) for k in keys}
+            # This process's reused buffers: the delta densified into one set, the new
+            # global added into another (in place from the second step of a chain on).
+            floats = {k: state[k] for k in keys}
+            sparse, into = buffers.scratch(SCRATCH_SPARSE, floats), \
+                buffers.scratch(SCRATCH_GLOBAL, floats)
             for payload in chain_from_record(content.array_records[DELTA], steps, "downlink"):
-                delta = decode_update(payload, max_elements=limit, schema=schema).tensors
+                delta = decode_update(payload, max_elements=limit, schema=schema,
+                                      out=sparse).tensors
                 for k, v in delta.items():
                     if k not in state or v.shape != state[k].shape:
                         raise DecodeError(f"downlink: delta tensor {k!r} does not fit the "
                                           "held model")
-                state = apply_delta(state, delta)  # step by step, as the server did
+                state = apply_delta(state, delta, into)  # step by step, as the server did
     if head.keep and not (head.base >= 0 and not head.init_crc and head.version == head.base):
         _keep_global(context, head, state, spill)  # (the held copy is this version already)
     return state
@@ -318,16 +329,19 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
     t0 = time.perf_counter()
     payload = b""
     if not spec.is_identity:  # (plain replies are passed on as the app made them)
-        local = to_state(records[key])
+        arrays = records[key]  # (read in place from the reply's bytes: no copy)
+        local = {k: array_tensor(arrays[k]) for k in keys}
         wrong = [k for k in keys if local[k].shape != start[k].shape]
         if wrong:
             k = wrong[0]
             raise EncodeError(f"the reply's tensor {k!r} has shape {tuple(local[k].shape)}, "
                               f"the global model's {tuple(start[k].shape)}; client and "
                               "server must build the same model")
-        # (into huge-page buffers, the residual added in place: 3x faster than fresh
-        # torch results at 10M parameters)
-        update = {k: torch.sub(local[k], start[k], out=buffers.like(start[k])) for k in keys}
+        # Into this process's reused buffers, the residual added in place: no model-sized
+        # allocation per round (each costs more than the arithmetic at 10M parameters).
+        floats = {k: start[k] for k in keys}
+        update = {k: torch.sub(local[k].float(), start[k], out=v) for k, v in
+                  buffers.scratch(SCRATCH_UPDATE, floats).items()}
         slots = _ef_files(state_dir, context, head)
         ef, loaded = _error_feedback(context, head, slots) if head.error_feedback \
             else (None, None)
@@ -344,7 +358,9 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
         bound = _one_dtype(update)
         payload, sent = encode_update(update, spec, generator=gen, return_reconstruction=True,
                                       max_bytes=room, lowrank_state=lowrank_state,
-                                      schema_bound=bound, spec_implied=bound)
+                                      schema_bound=bound, spec_implied=bound,
+                                      reconstruction_out=buffers.scratch(SCRATCH_SPARSE,
+                                                                         floats))
         if lowrank_state:  # PowerSGD's warm start for the next round
             context.state[STATE_LOWRANK] = ArrayRecord(lowrank_state)
         if ef is not None:  # (update: apply()'s fresh tensors, not needed after this)

@@ -133,7 +133,8 @@ def decode_update(payload: bytes | bytearray | memoryview, *,
                   max_elements: int = DEFAULT_MAX_ELEMENTS,
                   device: str | torch.device = "cpu",
                   expected_spec: PipelineSpec | str | None = None,
-                  schema: Mapping[str, tuple[int, ...]] | None = None) -> DecodedUpdate:
+                  schema: Mapping[str, tuple[int, ...]] | None = None,
+                  out: Mapping[str, torch.Tensor] | None = None) -> DecodedUpdate:
     """Validate and decode a payload made by :func:`encode_update`.
 
     Parameters
@@ -152,6 +153,9 @@ def decode_update(payload: bytes | bytearray | memoryview, *,
     schema : mapping of name -> shape, optional
         The receiver's tensors: a record with another name or shape is rejected when its
         header is read, before its data.
+    out : mapping of name -> tensor, optional
+        Float32 buffers (see :func:`fedslim.compression.buffers.scratch`): a sparse
+        record is densified into its tensor's buffer, when it fits, instead of a new one.
 
     Raises
     ------
@@ -163,7 +167,7 @@ def decode_update(payload: bytes | bytearray | memoryview, *,
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise DecodeError(f"payload must be bytes-like, got {type(payload).__name__}")
     try:
-        return _decode(payload, max_elements, device, expected_spec, schema)
+        return _decode(payload, max_elements, device, expected_spec, schema, out)
     except DecodeError:
         raise
     except (MemoryError, ValueError, TypeError, OverflowError, IndexError, KeyError,
@@ -173,7 +177,8 @@ def decode_update(payload: bytes | bytearray | memoryview, *,
 
 def _decode(payload: bytes | bytearray | memoryview, max_elements: int,
             device: str | torch.device, expected_spec: PipelineSpec | str | None,
-            schema: Mapping[str, tuple[int, ...]] | None) -> DecodedUpdate:
+            schema: Mapping[str, tuple[int, ...]] | None,
+            out: Mapping[str, torch.Tensor] | None = None) -> DecodedUpdate:
     if isinstance(payload, memoryview) and not payload.contiguous:
         payload = payload.tobytes()
     if max_elements > 1 << 40:
@@ -207,7 +212,8 @@ def _decode(payload: bytes | bytearray | memoryview, max_elements: int,
                 raise DecodeError(f"{where}: values contain NaN or Inf")
         index = None if idx is None else torch.from_numpy(idx).to(dev)
         dense = (lowrank.reconstruct(values, rec.shape, rec.numel, rec.rice_param, where)
-                 if lowrank_rec else _densify(values, index, rec.numel))
+                 if lowrank_rec else _densify(values, index, rec.numel,
+                                              None if out is None else out.get(rec.name)))
         if lowrank_rec and not all_finite(dense):
             raise DecodeError(f"{where}: low-rank factors multiply out to NaN or Inf")
         tensors[rec.name] = dense.view(rec.shape)

@@ -109,10 +109,18 @@ def _host_bytes(enc: EncodedValues, use_entropy: bool
     return scales, host.view(np.uint8), False
 
 
-def _densify(values: torch.Tensor, idx: torch.Tensor | None, numel: int) -> torch.Tensor:
+def _densify(values: torch.Tensor, idx: torch.Tensor | None, numel: int,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """``values`` scattered to ``idx`` in a zero tensor of ``numel`` -- ``out`` (zeroed
+    here) when it is a contiguous float32 buffer of that size on that device."""
     if idx is None:
         return values
-    dense = buffers.zeros(numel, torch.float32, values.device)
+    if out is not None and out.numel() == numel and out.dtype == torch.float32 \
+            and out.device == values.device and out.is_contiguous():
+        dense = out.view(-1)
+        dense.zero_()
+    else:
+        dense = buffers.zeros(numel, torch.float32, values.device)
     dense[idx] = values
     return dense
 
@@ -124,7 +132,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   max_bytes: int | None = ...,
                   lowrank_state: dict[str, torch.Tensor] | None = ...,
                   schema_bound: bool = ...,
-                  spec_implied: bool = ...) -> bytes: ...
+                  spec_implied: bool = ...,
+                  reconstruction_out: State | None = ...) -> bytes: ...
 
 
 @overload
@@ -134,7 +143,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   max_bytes: int | None = ...,
                   lowrank_state: State | None = ...,
                   schema_bound: bool = ...,
-                  spec_implied: bool = ...) -> tuple[bytes, State]:
+                  spec_implied: bool = ...,
+                  reconstruction_out: State | None = ...) -> tuple[bytes, State]:
     ...
 
 
@@ -145,7 +155,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   max_bytes: int | None = ...,
                   lowrank_state: State | None = ...,
                   schema_bound: bool = ...,
-                  spec_implied: bool = ...) -> bytes | tuple[bytes, State]:
+                  spec_implied: bool = ...,
+                  reconstruction_out: State | None = ...) -> bytes | tuple[bytes, State]:
     ...
 
 
@@ -155,7 +166,8 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                   max_bytes: int | None = None,
                   lowrank_state: dict[str, torch.Tensor] | None = None,
                   schema_bound: bool = False,
-                  spec_implied: bool = False
+                  spec_implied: bool = False,
+                  reconstruction_out: State | None = None
                   ) -> bytes | tuple[bytes, dict[str, torch.Tensor]]:
     """Encode a model update (name -> tensor) into one self-describing payload.
 
@@ -185,6 +197,11 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
     spec_implied : bool
         With ``schema_bound``: leave the spec string (and the quantizer block) out too, for
         a receiver that asked for this spec and passes it as ``expected_spec=``.
+    reconstruction_out : dict, optional
+        Float32 buffers by tensor name (see :func:`fedslim.compression.buffers.scratch`):
+        a sparse tensor's reconstruction is written into its buffer instead of a new
+        tensor (not with ``budget:``, which tries several selections). They must not be
+        the input tensors.
 
     Raises
     ------
@@ -211,15 +228,17 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
         return (payload, recon) if return_reconstruction else payload
     payload, recon = encode_prepared(prepared, spec, spec.topk, generator,
                                      return_reconstruction, lowrank_state, schema_bound,
-                                     spec_implied)
+                                     spec_implied, reconstruction_out)
     return (payload, recon) if return_reconstruction else payload
 
 
 def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec, select: TopKConfig | None,
                     generator: torch.Generator | None, return_reconstruction: bool,
                     lowrank_state: dict[str, torch.Tensor] | None, schema_bound: bool = False,
-                    spec_implied: bool = False) -> tuple[bytes, dict[str, torch.Tensor]]:
-    """The payload (and reconstruction, if asked) with selection ``select``."""
+                    spec_implied: bool = False, out: State | None = None
+                    ) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """The payload (and reconstruction, if asked, into ``out``'s buffers where they fit)
+    with selection ``select``."""
     selected: dict[str, torch.Tensor] = {}
     if select is not None:
         pool = [p for p in prepared if not _is_passthrough(spec, p.flat.numel())]
@@ -258,8 +277,11 @@ def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec, select: TopKC
             enc.block, pos_codec, rice, enc.count, pos_data, scales, values_bytes,
             entropy=ans))
         if return_reconstruction:
+            into = None if out is None else out.get(p.name)
+            if into is not None and into.data_ptr() == p.tensor.data_ptr():
+                into = None  # (never write over the input)
             sent = (lowrank.reconstruct(decode_values(enc), shape, numel, rank, where) if rank
-                    else _densify(decode_values(enc), idx, numel))
+                    else _densify(decode_values(enc), idx, numel, into))
             if sent.numel() and sent.data_ptr() == p.tensor.data_ptr():
                 sent = sent.clone()  # lossless path: never hand back an alias of the input
             recon[p.name] = sent.view(p.tensor.shape)
