@@ -1,10 +1,10 @@
-"""The fedslim wire format, version 1: framing, tensor records and their validation.
+"""The fedslim wire format, version 2: framing, tensor records and their validation.
 
 Layout (all integers little-endian; ``varint`` = unsigned LEB128, minimal, <= 10 bytes)::
 
     header (20 bytes)
       0   4  magic      b"FSLM"
-      4   2  version    u16 = 1
+      4   2  version    u16 = 2
       6   2  flags      u16: bit 0 = schema-bound, bit 1 = spec implied (below); any other
                          set bit is rejected
       8   8  body_len   u64, bytes after the header (must match exactly)
@@ -81,7 +81,7 @@ from fedslim.compression.quantize import ValueCodec, n_scales
 from fedslim.errors import DecodeError, EncodeError
 
 MAGIC = b"FSLM"
-VERSION = 1
+VERSION = 2  # 2: small entropy-coded records carry a model, not their histogram
 WIRE_STYPE = f"fedslim.wire/v{VERSION}"
 HEADER = struct.Struct("<4sHHQI")
 MAX_NDIM = 32

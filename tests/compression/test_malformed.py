@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from fedslim.compression import DecodedUpdate, decode_update, encode_update
 from fedslim.compression.positions import PositionCodec, _encode_rice, decode_positions
-from fedslim.compression.wire import HEADER, TensorRecord, read_payload, write_payload
+from fedslim.compression.wire import HEADER, VERSION, TensorRecord, read_payload, write_payload
 from fedslim.errors import DecodeError
 
 SPECS = ["none", "q:8", "topk:0.1|q:4|pass:0", "q:4|ans|pass:0", "topk:0.5|q:3|ans|pass:0",
@@ -37,7 +37,7 @@ def small_update(seed: int = 0) -> dict[str, torch.Tensor]:
             "fc": torch.randn(40, generator=g).repeat(2)}  # repeats: zstd has something to do
 
 
-def with_crc(body: bytes, version: int = 1, flags: int = 0) -> bytes:
+def with_crc(body: bytes, version: int = VERSION, flags: int = 0) -> bytes:
     """A framed payload around ``body`` with a correct length and checksum."""
     head16 = HEADER.pack(b"FSLM", version, flags, len(body), 0)[:16]
     return head16 + struct.pack("<I", zlib.crc32(body, zlib.crc32(head16))) + body
@@ -147,7 +147,7 @@ def _rice(idx: list[int], r: int) -> np.ndarray:
 NAN4 = np.array([np.nan], "<f4").view(np.uint8)
 CASES = {
     "bad magic": _corrupt_header(0, b"XXXX"),
-    "unsupported wire version": _corrupt_header(4, b"\x02\x00"),
+    "unsupported wire version": _corrupt_header(4, b"\x01\x00"),
     "unknown flags": _corrupt_header(6, b"\x02\x00"),
     "shorter than the 20-byte header": VALID[:10],
     "truncated: header says": VALID[:-1],
