@@ -363,7 +363,8 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
                                                                          floats))
         if lowrank_state:  # PowerSGD's warm start for the next round
             context.state[STATE_LOWRANK] = ArrayRecord(lowrank_state)
-        if ef is not None:  # (update: apply()'s fresh tensors, not needed after this)
+        if ef is not None:  # (update: scratch buffers; the residual is made in them, then
+            # written to its file or copied into the context before the next message)
             ef.record(update, sent, in_place=True)
             if spill is None or slots is None:  # (spilled: its file is the only copy)
                 context.state[STATE_EF] = ArrayRecord(ef.state_dict())

@@ -13,7 +13,8 @@ uses. Two forms, chosen by the record's count (the decoder knows it):
         m x b bits  for each of the m occurring codes, in order, t - 1 (t in 1..2^b)
     the rANS stream: little-endian uint32 words of ``constriction``'s ANS coder (Rust, no
     Python loop over elements), the last word's zero high bytes left out (so the section
-    never ends in a zero byte; the decoder pads the word back)
+    never ends in a zero byte; the decoder pads the word back; a very likely sequence can
+    take no word at all)
 
 under the categorical model ``p(code) = t^2 / sum(t^2)`` over the occurring codes (``b =
 0``: all equally likely; one occurring code: no stream at all). Quantizing ``sqrt(p)``
@@ -43,7 +44,7 @@ one core, at ~1% more bytes (the lanes' states); the histogram's bytes are negli
 this size.
 
 Decoding checks everything a hostile sender controls: the model's fields and padding, the
-stream's length and canonical end, that the decoder ends exactly empty after ``count``
+stream's canonical end, that the decoder ends exactly empty after ``count``
 codes, and that the codes that occur are exactly the ones the model lists (with the
 histogram: that the codes reproduce it). Any failure is a
 :class:`~fedslim.errors.DecodeError`.
@@ -230,7 +231,12 @@ def _encode_small(codes: np.ndarray, bits: int) -> bytes:
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(codes.astype(np.int32, copy=False), model)
     stream = coder.get_compressed().astype("<u4", copy=False).tobytes()
-    return head + stream.rstrip(b"\0") if stream else head  # (the top word's zero bytes)
+    # constriction emits no zero top word (a head that fits in fewer words takes fewer;
+    # a very likely sequence can take none), so only the top word's zero bytes go.
+    stream = stream[:-4] + stream[-4:].rstrip(b"\0")
+    if stream and stream[-1] == 0:
+        raise EncodeError("rANS stream with a zero top word: cannot be written canonically")
+    return head + stream
 
 
 def _decode_small(view: memoryview, bits: int, count: int, where: str) -> np.ndarray:
@@ -257,8 +263,8 @@ def _decode_small(view: memoryview, bits: int, count: int, where: str) -> np.nda
         if len(stream):
             raise DecodeError(f"{where}: one code occurs, yet {len(stream)} stream bytes follow")
         return np.full(count, int(np.flatnonzero(present)[0]), dtype=np.uint8)
-    if not len(stream) or stream[-1] == 0:
-        raise DecodeError(f"{where}: rANS stream is empty or ends in a zero byte")
+    if len(stream) and stream[-1] == 0:
+        raise DecodeError(f"{where}: rANS stream ends in a zero byte")
     constriction = _constriction()
     if constriction is None:
         raise DecodeError(f"{where}: entropy-coded values but the 'constriction' package is "
