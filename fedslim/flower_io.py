@@ -165,7 +165,8 @@ def array_tensor(array: Array) -> torch.Tensor:
             shape, fortran, dtype = (np.lib.format.read_array_header_1_0(head)
                                      if version == (1, 0)
                                      else np.lib.format.read_array_header_2_0(head))
-            if not fortran and not dtype.hasobject and dtype.isnative:
+            if not fortran and not dtype.hasobject and dtype.isnative \
+                    and all(d >= 0 for d in shape):
                 flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape),
                                      offset=head.tell())
                 with warnings.catch_warnings():  # (read-only by contract, see above)

@@ -91,6 +91,23 @@ def test_a_reply_with_a_reshaped_tensor_is_refused_on_the_node_with_its_name(tmp
     assert len(train) == 3 and all("has shape" in x.reason for x in train), train
 
 
+def test_a_complex_reply_is_refused_not_cut_to_its_real_part(tmp_path):
+    def to_complex(msg, context, call_next):  # type: ignore[no-untyped-def]
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train":
+            arrays = next(iter(reply.content.array_records.values()))
+            name = next(iter(arrays.keys()))
+            arrays[name] = Array(arrays[name].numpy().astype(np.complex64))
+        return reply
+
+    cfg = parse_run_config({**BLOBS, "output-dir": str(tmp_path), "client.lr": 0.1,
+                            "uplink": "topk:0.25|q:8", "num-server-rounds": 1,
+                            "shared-init": False})
+    res = run_server(LoopbackGrid(make_quickstart_app([compression_mod, to_complex]), 3), cfg)
+    train = [x for x in res.rounds[0].rejects if x.phase == "train"]
+    assert len(train) == 3 and all("complex64" in x.reason for x in train), train
+
+
 def test_a_client_without_the_mod_is_rejected_loudly_and_failed_evaluations_count(tmp_path):
     """Under downlink compression a stock client (no mod) is told what is missing (train
     rejects), still gets full models to evaluate; evaluation failures are rejects too."""

@@ -331,6 +331,10 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
     if not spec.is_identity:  # (plain replies are passed on as the app made them)
         arrays = records[key]  # (read in place from the reply's bytes: no copy)
         local = {k: array_tensor(arrays[k]) for k in keys}
+        for k in keys:
+            if local[k].is_complex():
+                raise EncodeError(f"the reply's tensor {k!r} is {local[k].dtype}; the "
+                                  "global model's is real (float)")
         wrong = [k for k in keys if local[k].shape != start[k].shape]
         if wrong:
             k = wrong[0]

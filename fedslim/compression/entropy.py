@@ -8,7 +8,7 @@ uses. Two forms, chosen by the record's count (the decoder knows it):
 **Fewer than** ``LANE_MIN`` **(2^20) codes** -- a small model, then one rANS stream::
 
     bit fields, LSB first, zero-padded to a byte:
-        4 bits      b, 0..8: bits per model entry
+        4 bits      b, 0..8: bits per model entry (0 when one code occurs)
         2^B bits    which codes occur (bit i: code i occurs at least once)
         m x b bits  for each of the m occurring codes, in order, t - 1 (t in 1..2^b)
     the rANS stream: little-endian uint32 words of ``constriction``'s ANS coder (Rust, no
@@ -17,13 +17,19 @@ uses. Two forms, chosen by the record's count (the decoder knows it):
     take no word at all)
 
 under the categorical model ``p(code) = t^2 / sum(t^2)`` over the occurring codes (``b =
-0``: all equally likely; one occurring code: no stream at all). Quantizing ``sqrt(p)``
-on a uniform grid is what the multinomial's Fisher metric calls uniform, so ``b`` bits
-per code buy the most accuracy where it matters; the encoder picks the ``b`` that
-minimises model bits plus the stream's estimated bits. Sending the exact histogram
-instead cost 1.10x the codes' empirical entropy on the digits CNN's 1% update (the
-counts, ~1.5 bytes each, and a 32-bit word of slack per tensor); no coder that does not
-know the histogram in advance can get below ``(m-1)/2 log2(k/2 pi)`` bits over it.
+0``: all equally likely; one occurring code: no stream at all), with ``t = rint(sqrt(c /
+c_max) 2^b)`` clipped to 1..2^b for the codes' counts ``c``: the decoder recomputes ``t``
+from what it decoded and rejects any other, so a code sequence has one encoding per width
+``b`` (the encoder's choice, the one minimising model bits plus the stream's estimated
+bits: floating-point logs, which the decoder does not repeat). Quantizing ``sqrt(p)`` on a
+uniform grid is what the multinomial's Fisher metric calls uniform, so ``b`` bits per code
+buy the most accuracy where it matters. (A width implied by the count alone, about
+log2(count)/2 - 2, was tried: fully canonical and 4 bits shorter, but 1.069-1.074x instead
+of 1.046-1.050x on the digits CNN's records, which are more peaked than that rule assumes.)
+Sending the exact histogram instead cost 1.10x the codes' empirical entropy on the digits
+CNN's 1% update (the counts, ~1.5 bytes each, and a 32-bit word of slack per tensor); a
+coder that learns the distribution from the data pays, in the worst case, about
+``(m-1)/2 log2(k/2 pi)`` bits over it.
 
 **At least** ``LANE_MIN`` **codes** -- the exact histogram and interleaved rANS, in numpy::
 
@@ -43,7 +49,7 @@ and end with every lane back at ``2^16``. ~5x faster to decode than the single s
 one core, at ~1% more bytes (the lanes' states); the histogram's bytes are negligible at
 this size.
 
-Decoding checks everything a hostile sender controls: the model's fields and padding, the
+Decoding checks everything a hostile sender controls: the model's padding and entries, the
 stream's canonical end, that the decoder ends exactly empty after ``count``
 codes, and that the codes that occur are exactly the ones the model lists (with the
 histogram: that the codes reproduce it). Any failure is a
@@ -198,26 +204,36 @@ def _weights(t: np.ndarray, present: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
-def _choose_model(counts: np.ndarray) -> tuple[int, np.ndarray]:
-    """(b, t): the entry width and entries minimising model bits + estimated stream bits."""
-    best: tuple[float, int, np.ndarray] | None = None
-    share = np.sqrt(counts / counts.max())
+def _choose_width(counts: np.ndarray) -> int:
+    """The entry width minimising model bits + the stream's estimated bits (ties: the
+    narrower). Only the encoder computes it (floating-point logs); the width travels."""
+    best: tuple[float, int] | None = None
     for b in range(_B_MAX + 1):
-        t = np.ones(counts.size, np.int64) if b == 0 else \
-            np.clip(np.rint(share * (1 << b)), 1, 1 << b).astype(np.int64)
-        p = t.astype(np.float64) ** 2
+        p = _entries(counts, b).astype(np.float64) ** 2
         bits = counts.size * b - float((counts * np.log2(p / p.sum())).sum())
         if best is None or bits < best[0] - 1e-9:
-            best = (bits, b, t)
+            best = (bits, b)
     assert best is not None
-    return best[1], best[2]
+    return best[1]
+
+
+def _entries(counts: np.ndarray, b: int) -> np.ndarray:
+    """The model's entries for these (nonzero) counts: ``t = rint(sqrt(c / c_max) 2^b)``
+    clipped to 1..2^b. Correctly rounded IEEE operations only (division, sqrt, a power of
+    two, rint), so the decoder recomputes exactly what the encoder sent and can insist on
+    it: one encoding per code sequence."""
+    if b == 0:
+        return np.ones(counts.size, np.int64)
+    share = np.sqrt(counts.astype(np.float64) / float(counts.max()))
+    return np.clip(np.rint(share * float(1 << b)), 1, 1 << b).astype(np.int64)
 
 
 def _encode_small(codes: np.ndarray, bits: int) -> bytes:
     hist = np.bincount(codes, minlength=1 << bits)
     present = hist > 0
     counts = hist[present]
-    b, t = _choose_model(counts) if counts.size > 1 else (0, np.ones(1, np.int64))
+    b = _choose_width(counts) if counts.size > 1 else 0
+    t = _entries(counts, b)
     fields = [_bits_of(np.array([b]), _B_FIELD), present.astype(np.uint8)]
     if b:
         fields.append(_bits_of(t - 1, b))
@@ -248,7 +264,9 @@ def _decode_small(view: memoryview, bits: int, count: int, where: str) -> np.nda
     b = int(_from_bits(raw[:_B_FIELD], _B_FIELD)[0])
     present = raw[_B_FIELD:fixed].astype(bool)
     m = int(present.sum())
-    if b > _B_MAX or m == 0 or (m == 1 and b):
+    if m == 0:
+        raise DecodeError(f"{where}: entropy model lists no code")
+    if b > _B_MAX or (m == 1 and b):
         raise DecodeError(f"{where}: entropy model lists {m} codes with {b}-bit entries")
     total = fixed + m * b
     size = (total + 7) // 8
@@ -280,9 +298,13 @@ def _decode_small(view: memoryview, bits: int, count: int, where: str) -> np.nda
         raise DecodeError(f"{where}: corrupt rANS stream ({type(exc).__name__}: {exc})") \
             from None
     if not empty or codes.shape != (count,) or int(codes.min()) < 0 \
-            or int(codes.max()) >= n or not np.array_equal(
-                np.bincount(codes, minlength=n)[:n] > 0, present):
+            or int(codes.max()) >= n:
         raise DecodeError(f"{where}: rANS stream does not decode to the codes its model lists")
+    hist = np.bincount(codes, minlength=n)[:n]
+    if not np.array_equal(hist > 0, present):
+        raise DecodeError(f"{where}: rANS stream does not decode to the codes its model lists")
+    if not np.array_equal(_entries(hist[present], b), t):
+        raise DecodeError(f"{where}: entropy model is not the one its codes imply")
     return codes.astype(np.uint8)
 
 

@@ -89,14 +89,14 @@ def _with_values(values: np.ndarray) -> bytes:
 def test_hostile_sections_are_typed_errors() -> None:
     text, records = _coded_record()
     good = records[0].values
-    wide = good.copy()
-    wide[0] = (wide[0] & 0xF0) | 9  # 9-bit model entries (at most 8)
+    other = good.copy()
+    other[2] ^= 0x40  # one model entry changed: not the model the codes imply
     cases = {
         "rANS stream": np.concatenate([good[:-4], [1, 2, 3, 4]]),
         "rANS stream ": good[:-1],
         "ends in a zero byte": np.concatenate([good, [0]]),
         "end inside the model": good[:1],
-        "-bit entries": wide,
+        "rANS stream  ": other,
     }
     for message, values in cases.items():
         with pytest.raises(DecodeError, match=message.strip()):
@@ -126,9 +126,9 @@ def test_model_fields_are_checked() -> None:
     assert blob[0] >> 4 == 0b1011  # after the 4-bit entry width: codes 0, 1 and 3 occur
     assert np.array_equal(decode_codes(blob, 2, 6, "t"), codes)
     b = int(blob[0] & 0xF)
-    pad = blob.copy()
     used = 4 + 4 + 3 * b
     if used % 8:
+        pad = blob.copy()
         pad[used // 8] |= 0x80  # a padding bit of the model's last byte
         with pytest.raises(DecodeError, match="padding"):
             decode_codes(pad, 2, 6, "t")
@@ -136,8 +136,40 @@ def test_model_fields_are_checked() -> None:
     missing[0] &= 0x7F  # code 3 no longer listed: the stream decodes to other codes
     with pytest.raises(DecodeError):
         decode_codes(missing, 2, 6, "t")
-    with pytest.raises(DecodeError, match="0 codes"):
+    with pytest.raises(DecodeError, match="no code"):
         decode_codes(np.frombuffer(bytes([0]), np.uint8), 2, 6, "t")
+    wide = blob.copy()
+    wide[0] = (wide[0] & 0xF0) | 9  # 9-bit entries (at most 8)
+    with pytest.raises(DecodeError, match="9-bit entries"):
+        decode_codes(wide, 2, 6, "t")
+
+
+def test_each_code_sequence_has_one_encoding_per_width() -> None:
+    """The decoder recomputes the model's entries from the codes it decoded and refuses
+    any other model, even one that would decode them (a review found several)."""
+    import constriction
+
+    from fedslim.compression.entropy import _entries, _weights
+
+    codes = np.array([0, 1, 1, 0, 1, 2, 2, 2, 0, 1] * 20, np.uint8)
+    blob = encode_codes(codes, 2)
+    assert np.array_equal(decode_codes(np.frombuffer(blob, np.uint8), 2, 200, "t"), codes)
+    hist = np.bincount(codes, minlength=4)
+    present = hist > 0
+    for b, t in ((1, [1, 2, 2]), (1, [1, 1, 1]), (3, [8, 8, 8]), (8, [200, 255, 256])):
+        assert not np.array_equal(_entries(hist[present], b), t)
+        model = constriction.stream.model.Categorical(_weights(np.array(t), present),
+                                                      perfect=False)
+        coder = constriction.stream.stack.AnsCoder()
+        coder.encode_reverse(codes.astype(np.int32), model)
+        stream = coder.get_compressed().astype("<u4").tobytes()
+        stream = stream[:-4] + stream[-4:].rstrip(b"\0")
+        entries = ((np.array(t)[:, None] - 1) >> np.arange(b)) & 1
+        head = np.packbits(np.concatenate([(b >> np.arange(4)) & 1, present.astype(int),
+                                           entries.reshape(-1)]).astype(np.uint8),
+                           bitorder="little").tobytes()
+        with pytest.raises(DecodeError, match="not the one its codes imply"):
+            decode_codes(np.frombuffer(head + stream, np.uint8), 2, 200, "t")
 
 
 def test_one_code_needs_no_stream_and_allows_none() -> None:

@@ -125,6 +125,10 @@ def test_array_tensor_is_zero_copy_for_plain_npy_and_typed_on_garbage() -> None:
     bad = Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=b"not an npy")
     with pytest.raises(DecodeError, match="numpy"):
         array_tensor(bad)
+    header = Array(np.arange(4, dtype=np.float32))
+    header.data = header.data.replace(b"(4,)", b"(-1,)")  # numpy's reader lets it through
+    with pytest.raises(DecodeError, match="negative"):
+        array_tensor(header)
     short = Array(np.arange(10, dtype=np.float32))
     short.data = short.data[:-8]  # header says 10 values, 8 are there
     with pytest.raises(DecodeError):
