@@ -70,42 +70,35 @@ def test_no_round_aggregated_ends_with_a_clear_error_in_results(tmp_path):
     assert all(len(r.rejects) == 3 for r in res.rounds)
 
 
+def _train_reasons_after(tmp_path, change):  # type: ignore[no-untyped-def]
+    """One round where an app's train reply has its first tensor replaced by
+    ``change(array)``: the reasons the server records for the train replies."""
+    def mod(msg, context, call_next):  # type: ignore[no-untyped-def]
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train":
+            arrays = next(iter(reply.content.array_records.values()))
+            name = next(iter(arrays.keys()))
+            arrays[name] = Array(change(arrays[name].numpy()))
+        return reply
+
+    cfg = parse_run_config({**BLOBS, "output-dir": str(tmp_path), "client.lr": 0.1,
+                            "uplink": "topk:0.25|q:8", "num-server-rounds": 1,
+                            "shared-init": False})
+    res = run_server(LoopbackGrid(make_quickstart_app([compression_mod, mod]), 3), cfg)
+    return [x.reason for x in res.rounds[0].rejects if x.phase == "train"]
+
+
 def test_a_reply_with_a_reshaped_tensor_is_refused_on_the_node_with_its_name(tmp_path):
     """An app whose reply has the right names but another shape: the node says which
     tensor and both shapes (no broadcasting into a wrong update); the round goes on."""
-    def reshape(msg, context, call_next):  # type: ignore[no-untyped-def]
-        reply = call_next(msg, context)
-        if msg.metadata.message_type == "train":
-            arrays = next(iter(reply.content.array_records.values()))
-            name = next(iter(arrays.keys()))
-            value = arrays[name].numpy()
-            arrays[name] = Array(value.reshape(-1, 1) if value.ndim == 1
-                                 else value.reshape(value.shape[0], -1)[:, :1])
-        return reply
-
-    cfg = parse_run_config({**BLOBS, "output-dir": str(tmp_path), "client.lr": 0.1,
-                            "uplink": "topk:0.25|q:8", "num-server-rounds": 1,
-                            "shared-init": False})
-    res = run_server(LoopbackGrid(make_quickstart_app([compression_mod, reshape]), 3), cfg)
-    train = [x for x in res.rounds[0].rejects if x.phase == "train"]
-    assert len(train) == 3 and all("has shape" in x.reason for x in train), train
+    reasons = _train_reasons_after(tmp_path, lambda v: v.reshape(-1, 1) if v.ndim == 1
+                                   else v.reshape(v.shape[0], -1)[:, :1])
+    assert len(reasons) == 3 and all("has shape" in r for r in reasons), reasons
 
 
 def test_a_complex_reply_is_refused_not_cut_to_its_real_part(tmp_path):
-    def to_complex(msg, context, call_next):  # type: ignore[no-untyped-def]
-        reply = call_next(msg, context)
-        if msg.metadata.message_type == "train":
-            arrays = next(iter(reply.content.array_records.values()))
-            name = next(iter(arrays.keys()))
-            arrays[name] = Array(arrays[name].numpy().astype(np.complex64))
-        return reply
-
-    cfg = parse_run_config({**BLOBS, "output-dir": str(tmp_path), "client.lr": 0.1,
-                            "uplink": "topk:0.25|q:8", "num-server-rounds": 1,
-                            "shared-init": False})
-    res = run_server(LoopbackGrid(make_quickstart_app([compression_mod, to_complex]), 3), cfg)
-    train = [x for x in res.rounds[0].rejects if x.phase == "train"]
-    assert len(train) == 3 and all("complex64" in x.reason for x in train), train
+    reasons = _train_reasons_after(tmp_path, lambda v: v.astype(np.complex64))
+    assert len(reasons) == 3 and all("complex64" in r for r in reasons), reasons
 
 
 def test_a_client_without_the_mod_is_rejected_loudly_and_failed_evaluations_count(tmp_path):
