@@ -231,8 +231,9 @@ def apply_delta(prev: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
             out[k] = v.clone()
             continue
         target = None if into is None else into.get(k)
-        if target is None or target.shape != v.shape or target.dtype != v.dtype \
-                or target.device != v.device or not target.is_contiguous():
+        if target is not None and buffers.fits(target, v.numel(), v.dtype, v.device):
+            target = target.view(v.shape)
+        else:
             target = buffers.like(v)  # (huge pages: a third of the time of a fresh result)
         out[k] = torch.add(v, delta[k].cpu().to(v.dtype), out=target)
     return out

@@ -335,12 +335,11 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
             if local[k].is_complex():
                 raise EncodeError(f"the reply's tensor {k!r} is {local[k].dtype}; the "
                                   "global model's is real (float)")
-        wrong = [k for k in keys if local[k].shape != start[k].shape]
-        if wrong:
-            k = wrong[0]
-            raise EncodeError(f"the reply's tensor {k!r} has shape {tuple(local[k].shape)}, "
-                              f"the global model's {tuple(start[k].shape)}; client and "
-                              "server must build the same model")
+            if local[k].shape != start[k].shape:
+                raise EncodeError(f"the reply's tensor {k!r} has shape "
+                                  f"{tuple(local[k].shape)}, the global model's "
+                                  f"{tuple(start[k].shape)}; client and server must build "
+                                  "the same model")
         # Into this process's reused buffers, the residual added in place: no model-sized
         # allocation per round (each costs more than the arithmetic at 10M parameters).
         floats = {k: start[k] for k in keys}

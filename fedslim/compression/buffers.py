@@ -39,6 +39,14 @@ def like(t: torch.Tensor) -> torch.Tensor:
     return empty(t.numel(), t.dtype, t.device).view(t.shape)
 
 
+def fits(buf: torch.Tensor | None, numel: int, dtype: torch.dtype,
+         device: torch.device) -> bool:
+    """Whether ``buf`` can take ``numel`` elements of ``dtype`` on ``device`` in place
+    (contiguous, so any shape of that size is a view of it)."""
+    return buf is not None and buf.numel() == numel and buf.dtype == dtype \
+        and buf.device == device and buf.is_contiguous()
+
+
 _SCRATCH = threading.local()
 
 

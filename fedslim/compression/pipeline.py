@@ -115,8 +115,7 @@ def _densify(values: torch.Tensor, idx: torch.Tensor | None, numel: int,
     here) when it is a contiguous float32 buffer of that size on that device."""
     if idx is None:
         return values
-    if out is not None and out.numel() == numel and out.dtype == torch.float32 \
-            and out.device == values.device and out.is_contiguous():
+    if out is not None and buffers.fits(out, numel, torch.float32, values.device):
         dense = out.view(-1)
         dense.zero_()
     else:
