@@ -353,7 +353,7 @@ def empirical_entropy_bytes(codes: np.ndarray, bits: int) -> float:
     if total == 0:
         return 0.0
     p = hist[hist > 0] / total
-    return float(-(hist[hist > 0] * np.log2(p)).sum() / 8.0)
+    return float(-(hist[hist > 0] * np.log2(p)).sum() / 8.0) + 0.0  # never -0.0
 
 
 __all__ = ["LANE_MIN", "LANE_STEPS", "available", "decode_codes", "empirical_entropy_bytes",
