@@ -205,6 +205,7 @@ class FederationConfig:
 
 AUTO_DOWNLINK = "topk:0.05|q:4|ans"  # ans: the same values in fewer bytes (lossless)
 AUTO_DOWNLINK_SPEC = parse_spec(AUTO_DOWNLINK)
+KEYFRAME_SPEC = parse_spec("q:8|ans")
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,15 @@ class CompressionConfig:
         "shared-init", "With a compressing `downlink`, nodes build the seeded round-0 model "
         "themselves (checked by CRC) instead of downloading it. fedslim's ClientApp can; "
         "set false for a ClientApp whose compression_mod has no `initial_state`."))
+    keyframe_every: int = field(default=0, metadata=key(
+        "keyframe-every", "Every this many versions, the global model the downlink sends is "
+        "a keyframe: its drift from the round-0 model through the `keyframe` pipeline, which "
+        "nodes too far behind for a catch-up chain get instead of the full float32 model "
+        "(for low participation; needs a compressing `downlink` and `shared-init`). 0: "
+        "none.", low=0, high=32))
+    keyframe: PipelineSpec = field(default=KEYFRAME_SPEC, metadata=key(
+        "keyframe", "Pipeline for keyframes (see `keyframe-every`); what it rounds off joins "
+        "the downlink's residual and is sent in the following steps."))
     error_feedback: ErrorFeedbackMode = field(default=ErrorFeedbackMode.AUTO, metadata=key(
         "error-feedback", "Clients add what compression dropped to their next update: "
         "`true`, `false`, or `auto` = true when fraction-train >= 0.1, false below (measured "
@@ -275,6 +285,11 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
+        if self.keyframe_every and (self.downlink_spec.is_identity or not self.shared_init):
+            raise ConfigError(
+                f"keyframe-every={self.keyframe_every} needs a compressing downlink and "
+                f"shared-init=true (downlink={self.downlink_spec}, shared-init="
+                f"{str(self.shared_init).lower()})")
 
     @property
     def downlink_spec(self) -> PipelineSpec:

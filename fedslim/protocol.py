@@ -48,6 +48,7 @@ NUM_PARTITIONS = "num-partitions"  # node_config key
 # -- compression layer ------------------------------------------------------------------
 DOWN = "fedslim.down"
 DELTA = "fedslim.delta"
+KEY_BASE = -2  # DownlinkHeader.base of a keyframe chain (see fedslim.strategies.downlink)
 UP = "fedslim.up"
 PAYLOAD = "fedslim.payload"
 PAYLOAD_ARRAY = "fedslim"          # the one Array inside DELTA / PAYLOAD records
@@ -117,9 +118,12 @@ class DownlinkHeader:
     version : int
         The global model version this message brings the node to.
     base : int
-        -1 when the app's arrays record carries the full model; else the version the
-        node must hold: the delta record (if any) takes it from ``base`` to ``version``,
-        and ``base == version`` means "you hold it already".
+        -1 when the app's arrays record carries the full model; :data:`KEY_BASE` (-2) for
+        a keyframe chain: the node builds the round-0 model (``init_crc``), the delta
+        record's first payload takes it to the last keyframe and the others (one per
+        version) on to ``version``; else the version the node must hold: the delta record
+        (if any) takes it from ``base`` to ``version``, and ``base == version`` means "you
+        hold it already".
     arrays_key : str
         The record name the app expects its weights under.
     uplink : str
@@ -172,7 +176,8 @@ class DownlinkHeader:
             raise UpdateRejected(f"{who}: header of {len(data)} bytes, need {_DOWN.size}+")
         (magic, ver, stream, version, base, rnd, seed, init_crc, flags,
          lineage) = _DOWN.unpack_from(data)
-        if magic != cls.MAGIC or ver != 1 or base < -1:
+        if (magic != cls.MAGIC or ver != 1 or base < KEY_BASE
+                or (base == KEY_BASE and not init_crc)):
             raise UpdateRejected(f"{who}: not a fedslim v1 downlink header")
         key, end = _take_str(data, _DOWN.size, 1, who, "arrays key")
         uplink, end = _take_str(data, end, 2, who, "uplink spec")

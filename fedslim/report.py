@@ -81,6 +81,7 @@ class CommReport:
     delta_messages: int = 0
     current_messages: int = 0        # "you hold this version already": no arrays at all
     init_messages: int = 0           # "build the seeded round-0 model yourself" (+ chain)
+    key_messages: int = 0            # round-0 model + the last keyframe (+ chain)
     encode_seconds: float = 0.0      # clients' encode time, summed
     decode_seconds: float = 0.0      # server's decode + validation time
     node_decode_seconds: float = 0.0  # clients' downlink decode time (as they report it)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedslim.errors import UpdateRejected
-from fedslim.protocol import HEADER_KEY, DownlinkHeader, UplinkHeader
+from fedslim.protocol import HEADER_KEY, KEY_BASE, DownlinkHeader, UplinkHeader
 
 UP = UplinkHeader(stream=5, version=3, server_round=2, global_crc=123, arrays_key="arrays",
                   encode_seconds=0.012345, decode_seconds=0.0042)
@@ -58,6 +58,13 @@ def test_malformed_headers_name_what_is_wrong():
     with pytest.raises(UpdateRejected, match="one bytes value"):
         UplinkHeader.from_record(ConfigRecord({HEADER_KEY: 3}), "n")
     bad_base = bytearray(DOWN.pack())
-    struct.pack_into("<i", bad_base, 13, -5)  # base field: below -1
+    struct.pack_into("<i", bad_base, 13, -5)  # base field: below KEY_BASE
     with pytest.raises(UpdateRejected, match="downlink"):
         DownlinkHeader.unpack(bytes(bad_base))
+
+
+def test_keyframe_base_needs_the_round0_crc():
+    key = replace(DOWN, base=KEY_BASE)
+    assert DownlinkHeader.unpack(key.pack()) == key
+    with pytest.raises(UpdateRejected, match="not a fedslim v1 downlink header"):
+        DownlinkHeader.unpack(replace(key, init_crc=0).pack())

@@ -102,6 +102,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "uplink": "budget:x250|q:4|ans|pass:0", **_MOMENTUM, "downlink": "topk:0.05|q:4|ans"},
     "both ways: budget x150 + q4 + ans, pass:0; down topk 5% + q4 + ans": {
         "uplink": "budget:x150|q:4|ans|pass:0", **_MOMENTUM, "downlink": "topk:0.05|q:4|ans"},
+    # both directions at low participation: the x100 uplink with downlink steps, alone
+    # (a node back after ~100 rounds is past the 32-step chain: the full model) and with
+    # keyframes (the model's drift from round 0, compressed, instead of the full model)
+    "x100 q2 both ways: down topk 5% + q4 + ans": {
+        "uplink": "budget:x100|q:2|ans|pass:0", **_MOMENTUM, "downlink": "topk:0.05|q:4|ans"},
+    **{f"x100 q2 both ways: down topk 5% + q4 + ans, keyframes every {k} ({name})": {
+        "uplink": "budget:x100|q:2|ans|pass:0", **_MOMENTUM, "downlink": "topk:0.05|q:4|ans",
+        "keyframe-every": k, "keyframe": spec}
+       for k in (4, 8, 16) for name, spec in (("q8 + ans", "q:8|ans"), ("q4 + ans", "q:4|ans"))},
     # PowerSGD factors instead of top-k (on the same frontier)
     **{f"lowrank {r} + q8 + ans, momentum": {"uplink": f"lowrank:{r}|q:8|ans", **_MOMENTUM,
                                              **_ONE_WAY} for r in (1, 4)},
@@ -134,6 +143,7 @@ def run_one(name: str, overrides: dict[str, Any], num_clients: int, rounds: int,
         "full_model_messages": sum(r.comm.full_model_messages for r in res.rounds if r.comm),
         "delta_messages": sum(r.comm.delta_messages for r in res.rounds if r.comm),
         "current_messages": sum(r.comm.current_messages for r in res.rounds if r.comm),
+        "key_messages": sum(r.comm.key_messages for r in res.rounds if r.comm),
     }
 
 

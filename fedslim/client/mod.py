@@ -55,6 +55,7 @@ from fedslim.flower_io import (
 from fedslim.protocol import (
     DELTA,
     DOWN,
+    KEY_BASE,
     PARTITION_ID,
     PAYLOAD,
     STATE_EF,
@@ -172,15 +173,21 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader,
         delta is malformed.
     """
     content = msg.content
-    if head.base < 0:
+    if head.base == -1:  # the full model
         if head.arrays_key not in content.array_records:
             raise DecodeError(f"downlink: no {head.arrays_key!r} record and no base version")
         state = to_state(content.array_records[head.arrays_key])
     else:
         state = _base_state(context, head, initial_state, spill)
-        steps = head.version - head.base
-        if steps > MAX_CHAIN:
-            raise DecodeError(f"downlink: a catch-up of {steps} steps exceeds {MAX_CHAIN}")
+        key = head.base == KEY_BASE
+        if key and DELTA not in content.array_records:
+            raise DecodeError(f"downlink: a keyframe for version {head.version} without a "
+                              f"{DELTA!r} record")
+        # a keyframe chain: the keyframe, then one step per version since it
+        steps = len(content.array_records[DELTA]) if key else head.version - head.base
+        if steps > MAX_CHAIN or (key and not 0 < steps <= head.version):
+            raise DecodeError(f"downlink: a catch-up of {steps} steps to version "
+                              f"{head.version} is not allowed (at most {MAX_CHAIN})")
         if steps:
             if DELTA not in content.array_records:
                 raise DecodeError(f"downlink: version {head.base} -> {head.version} without "

@@ -105,7 +105,8 @@ def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
         # fedslim's ClientApp builds the seeded round-0 model itself (not after a resume)
         shared_init=cfg.comp.shared_init and round_offset == 0,
         bind=cfg.comp.bind_replies, stream=cfg.comp.stream_aggregation,
-        ef_reset_after=cfg.comp.ef_reset_after)
+        ef_reset_after=cfg.comp.ef_reset_after, keyframe_every=cfg.comp.keyframe_every,
+        keyframe=cfg.comp.keyframe)
     strategy: StrategyWrapper = NodeGuard(compressed, cfg.fed.min_available_nodes,
                                           cfg.fed.node_timeout)
     if round_offset:

@@ -110,19 +110,29 @@ class Compressed(StrategyWrapper):
         build itself (fedslim's ClientApp does; a ClientApp whose ``compression_mod`` was
         made with ``initial_state``): nodes are not sent it, and prove by CRC that they
         hold it. A node that cannot gets the full model.
+    keyframe_every, keyframe : int, str
+        With a compressing ``downlink`` and ``shared_init``: every ``keyframe_every``-th
+        version is a keyframe, the model's drift from the round-0 model through the
+        ``keyframe`` pipeline, which a node too far behind for a catch-up chain gets
+        instead of the full model (see :mod:`fedslim.strategies.downlink`). 0: none.
     """
 
     def __init__(self, strategy: Strategy, *, uplink: str | PipelineSpec = "none",
                  downlink: str | PipelineSpec = "none", error_feedback: bool = True,
                  warmup_rounds: int = 0, seed: int = 0,
                  collector: RoundCollector | None = None, shared_init: bool = False,
-                 bind: bool = False, stream: bool = True, ef_reset_after: int = 0) -> None:
+                 bind: bool = False, stream: bool = True, ef_reset_after: int = 0,
+                 keyframe_every: int = 0, keyframe: str | PipelineSpec = "q:8|ans") -> None:
         super().__init__(strategy, collector, reports=True)
         self.collector: RoundCollector = self.collector or RoundCollector()
         if isinstance(strategy, StrategyWrapper):  # one stack, one collector
             strategy.share_collector(self.collector)
         self.uplink = parse_spec(uplink)
-        self.downlink = Downlink(parse_spec(downlink))
+        if not 0 <= keyframe_every <= Downlink.MAX_CHAIN:
+            raise ValueError(f"keyframe_every must be in [0, {Downlink.MAX_CHAIN}], got "
+                             f"{keyframe_every}")
+        self.downlink = Downlink(parse_spec(downlink), key_every=keyframe_every,
+                                 key_spec=parse_spec(keyframe))
         self.error_feedback = error_feedback
         self.ef_reset_after = ef_reset_after
         self.warmup_rounds = warmup_rounds
@@ -167,7 +177,7 @@ class Compressed(StrategyWrapper):
                 uplink=str(self.uplink_at(server_round)), error_feedback=self.error_feedback,
                 keep=self.downlink.compress, server_round=server_round,
                 seed=self.seed, lineage=self.lineage, ef_reset_after=self.ef_reset_after,
-                init_crc=self.downlink.init_crc if kind == "init" else 0).to_record()
+                init_crc=self.downlink.init_crc if kind in ("init", "key") else 0).to_record()
             new = Message(content=content, dst_node_id=node,
                           message_type=msg.metadata.message_type,
                           group_id=msg.metadata.group_id)

@@ -28,7 +28,7 @@ class ByteLedger:
         return self.report.per_node.setdefault(str(node), NodeBytes())
 
     def sent(self, msg: Message, kind: str) -> int:
-        """Count an instruction; ``kind`` is ``full``, ``delta``, ``current`` or ``init``."""
+        """Count an instruction; ``kind``: ``full``, ``delta``, ``current``, ``init``, ``key``."""
         size = message_bytes(msg)
         r = self.report
         if msg.metadata.message_type == MessageType.TRAIN:
@@ -39,6 +39,7 @@ class ByteLedger:
         r.delta_messages += kind == "delta"
         r.current_messages += kind == "current"
         r.init_messages += kind == "init"
+        r.key_messages += kind == "key"
         self._node(msg.metadata.dst_node_id).downlink_bytes += size
         return size
 
