@@ -238,9 +238,10 @@ class CompressionConfig:
     keyframe_every: int = field(default=0, metadata=key(
         "keyframe-every", "Every this many versions, the global model the downlink sends is "
         "a keyframe: its drift from the round-0 model through the `keyframe` pipeline, which "
-        "nodes too far behind for a catch-up chain get instead of the full float32 model "
-        "(for low participation; needs a compressing `downlink` and `shared-init`). 0: "
-        "none.", low=0, high=32))
+        "nodes too far behind for a catch-up chain get instead of the full float32 model. "
+        "For low participation (fraction-train <= 0.1): no chain crosses a keyframe, so a "
+        "node that held the version before one downloads the keyframe, not a short chain. "
+        "Needs a compressing `downlink` and `shared-init`. 0: none.", low=0, high=32))
     keyframe: PipelineSpec = field(default=KEYFRAME_SPEC, metadata=key(
         "keyframe", "Pipeline for keyframes (see `keyframe-every`); what it rounds off joins "
         "the downlink's residual and is sent in the following steps."))

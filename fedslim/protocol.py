@@ -49,6 +49,9 @@ NUM_PARTITIONS = "num-partitions"  # node_config key
 DOWN = "fedslim.down"
 DELTA = "fedslim.delta"
 KEY_BASE = -2  # DownlinkHeader.base of a keyframe chain (see fedslim.strategies.downlink)
+# In a node's error when it cannot build the round-0 model the server asked it to build:
+# the server then stops asking that node (full model instead), and only then.
+INIT_FAILED = "cannot build the round-0 model"
 UP = "fedslim.up"
 PAYLOAD = "fedslim.payload"
 PAYLOAD_ARRAY = "fedslim"          # the one Array inside DELTA / PAYLOAD records

@@ -55,6 +55,7 @@ from fedslim.flower_io import (
 from fedslim.protocol import (
     DELTA,
     DOWN,
+    INIT_FAILED,
     KEY_BASE,
     PARTITION_ID,
     PAYLOAD,
@@ -145,12 +146,12 @@ def _base_state(context: Context, head: DownlinkHeader,
     """The version the message builds on: held, or (``init_crc``) built here."""
     if head.init_crc:
         if initial_state is None:
-            raise DecodeError("downlink: the server asks this node to build the initial "
-                              "model itself, but compression_mod has no initial_state")
+            raise DecodeError(f"downlink: {INIT_FAILED}: the server asks this node to build "
+                              "it, but compression_mod has no initial_state")
         state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
                  for k, v in initial_state(context).items()}
         if state_crc(state) != head.init_crc:
-            raise DecodeError("downlink: the initial model built here differs from the "
+            raise DecodeError(f"downlink: {INIT_FAILED}: the one built here differs from the "
                               "server's (CRC mismatch): different model, seed or device")
         return state
     held = _held(context, head.stream, spill)
@@ -185,9 +186,10 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader,
                               f"{DELTA!r} record")
         # a keyframe chain: the keyframe, then one step per version since it
         steps = len(content.array_records[DELTA]) if key else head.version - head.base
-        if steps > MAX_CHAIN or (key and not 0 < steps <= head.version):
+        if not (1 if key else 0) <= steps <= min(MAX_CHAIN, head.version):
             raise DecodeError(f"downlink: a catch-up of {steps} steps to version "
-                              f"{head.version} is not allowed (at most {MAX_CHAIN})")
+                              f"{head.version} (allowed: {1 if key else 0} to "
+                              f"{min(MAX_CHAIN, head.version)})")
         if steps:
             if DELTA not in content.array_records:
                 raise DecodeError(f"downlink: version {head.base} -> {head.version} without "

@@ -15,9 +15,15 @@ from an alphabet of ``m`` (it has no prior knowledge of the histogram) pays, on 
 sequence, at least the *minimax regret* ``log2 C(m, n)`` bits above that sequence's empirical
 entropy, where ``C(m, n) = sum over x of prod_i (c_i(x)/n)^c_i(x)`` is the Shtarkov sum of the
 multinomial family; the normalised maximum-likelihood code pays exactly that on every
-sequence (Shtarkov 1987; Kontkanen & Myllymaki 2007 give the recurrence used here). Since
-``n H(x) <= n log2 m``, every coder writes some ``n``-code record at no less than
-``1 + log2 C(m, n) / (n log2 m)`` times its empirical entropy: :func:`entropy_floor`.
+sequence (Shtarkov 1987; Kontkanen & Myllymaki 2007 give the recurrence used here). That
+holds for a prefix-free code. A record's values section is not: its length travels
+separately (fewer than ``ceil(n B / 8)`` bytes when entropy-coded, exactly that when packed,
+one bit says which), so its Kraft sum can reach ``J = 2 ceil(n B / 8)`` and the bound loses
+``log2 J`` bits. Since ``n H(x) <= n B`` for ``B``-bit codes, *every* coder writes some
+``n``-code record at no less than ``1 + (log2 C(2^B, n) - log2 J) / (n B)`` times its
+empirical entropy (:func:`entropy_floor`): below the ``n`` where that exceeds 1.05, no coder
+can promise 1.05x on every record. (It is a necessary condition, not a sufficient one: on
+a record of one repeated code the entropy is 0 and no coder reaches any finite ratio.)
 """
 
 from __future__ import annotations
@@ -45,16 +51,27 @@ def log2_binomial(n: int, k: int) -> float:
     return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
 
 
+_EXACT_MAX = 1 << 20  # longer sequences: the asymptotic expansion (error < 1e-3 bits there)
+
+
 def nml_regret_bits(alphabet: int, n: int) -> float:
     """``log2 C(alphabet, n)``: the multinomial family's minimax regret for ``n`` symbols.
 
-    ``C(1, n) = 1``; ``C(2, n) = sum_h binom(n, h) (h/n)^h ((n-h)/n)^(n-h)`` (one
-    vectorised log-sum-exp); ``C(m + 2, n) = C(m + 1, n) + n/m C(m, n)``.
+    Exact up to ``2^20`` symbols: ``C(1, n) = 1``; ``C(2, n) = sum_h binom(n, h) (h/n)^h
+    ((n-h)/n)^(n-h)`` (one vectorised log-sum-exp); ``C(m + 2, n) = C(m + 1, n) + n/m C(m,
+    n)``. Beyond, Szpankowski's expansion ``(m-1)/2 ln(n/2) + ln(sqrt(pi) / Gamma(m/2)) +
+    sqrt(2) m Gamma(m/2) / (3 Gamma(m/2 - 1/2) sqrt(n))`` (in nats).
     """
     if alphabet < 1 or n < 0:
         raise ValueError(f"nml_regret_bits needs alphabet >= 1 and n >= 0, got {alphabet}, {n}")
     if alphabet == 1 or n == 0:
         return 0.0
+    if n > _EXACT_MAX:
+        m = alphabet
+        nats = ((m - 1) / 2 * math.log(n / 2) + 0.5 * math.log(math.pi) - math.lgamma(m / 2)
+                + math.sqrt(2) * m * math.exp(math.lgamma(m / 2) - math.lgamma((m - 1) / 2))
+                / (3 * math.sqrt(n)))
+        return nats / math.log(2)
     h = torch.arange(n + 1, dtype=torch.float64)
     total = torch.tensor(float(n), dtype=torch.float64)
     log_binom = torch.lgamma(total + 1) - torch.lgamma(h + 1) - torch.lgamma(total - h + 1)
@@ -66,9 +83,13 @@ def nml_regret_bits(alphabet: int, n: int) -> float:
 
 
 def entropy_floor(bits: int, n: int) -> float:
-    """The least ratio (bytes over empirical entropy) that any coder of ``n`` ``bits``-bit
-    codes can promise for every record: ``1 + log2 C(2^bits, n) / (n bits)``."""
-    return 1.0 + nml_regret_bits(1 << bits, n) / (n * bits) if n else float("inf")
+    """A ratio (values-section bytes over empirical entropy) that every coder reaches or
+    exceeds on some record of ``n`` ``bits``-bit codes: ``1 + (log2 C(2^bits, n) - log2
+    (2 ceil(n bits / 8))) / (n bits)`` (see the module docstring)."""
+    if not n:
+        return float("inf")
+    slack = math.log2(2 * math.ceil(n * bits / 8))
+    return 1.0 + max(0.0, nml_regret_bits(1 << bits, n) - slack) / (n * bits)
 
 
 @dataclass(frozen=True)
@@ -100,7 +121,8 @@ class RecordEntropy:
 
     @property
     def floor(self) -> float:
-        """:func:`entropy_floor` for this record's size: no coder does better on all."""
+        """:func:`entropy_floor` for this record's size: every coder reaches it on some
+        record of this many codes."""
         return entropy_floor(self.bits, self.count)
 
 

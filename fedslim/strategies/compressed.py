@@ -38,7 +38,7 @@ from flwr.serverapp.strategy import Strategy
 from fedslim.compression import PipelineSpec, parse_spec
 from fedslim.errors import FedslimError
 from fedslim.flower_io import message_bytes, to_state, unfold_reply
-from fedslim.protocol import DOWN, UP, DownlinkHeader, UplinkHeader
+from fedslim.protocol import DOWN, INIT_FAILED, UP, DownlinkHeader, UplinkHeader
 from fedslim.report import Reject, RoundCollector, RoundReport
 from fedslim.strategies.aggregate import State, float_keys
 from fedslim.strategies.downlink import Downlink
@@ -206,7 +206,7 @@ class Compressed(StrategyWrapper):
     # ------------------------------------------------------------------ uplink
     def _reject(self, report: RoundReport, msg: Message, phase: str, reason: str) -> None:
         node = msg.metadata.src_node_id
-        self.downlink.forget(node)
+        self.downlink.forget(node, init_failed=INIT_FAILED in reason)
         part = partition_of(msg)
         reason = short_reason(reason)
         log.warning("rejected %s reply from node %s (partition %s): %s", phase, node, part,

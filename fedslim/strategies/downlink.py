@@ -139,9 +139,11 @@ class Downlink:
             return False
         if (self.version + 1 - self.init_version) % self.key_every:
             return False
-        return self.init_state.keys() == self.state.keys() and all(
-            torch.equal(self.init_state[k], v) for k, v in self.state.items()
-            if not v.is_floating_point())
+        init = self.init_state
+        return init.keys() == self.state.keys() and all(
+            (init[k].dtype, init[k].shape) == (v.dtype, v.shape)
+            and (v.is_floating_point() or torch.equal(init[k], v))
+            for k, v in self.state.items())
 
     def _keyframe(self, wanted: State, keys: list[str]) -> State:
         """The next version as a keyframe: ``init + decoded(current + wanted - init)``; what
@@ -212,10 +214,12 @@ class Downlink:
         if node in self.sent:
             self.held[node] = self.sent[node]
 
-    def forget(self, node: int) -> None:
-        """``node``'s copy is unknown (error, rejected reply): full model next time."""
+    def forget(self, node: int, init_failed: bool = False) -> None:
+        """``node``'s copy is unknown (error, rejected reply): no chain from it next time.
+        ``init_failed``: the node said it cannot build the round-0 model it was asked to
+        (:data:`~fedslim.protocol.INIT_FAILED`): it gets the full model from then on."""
         self.held.pop(node, None)
-        if self._planned.get(node) in ("init", "key"):
+        if init_failed and self._planned.get(node) in ("init", "key"):
             self.no_init.add(node)
 
     # -- checkpoint ----------------------------------------------------------------------

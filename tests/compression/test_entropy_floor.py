@@ -64,11 +64,32 @@ def test_regret_refuses_impossible_arguments(bad: tuple[int, int]) -> None:
         nml_regret_bits(*bad)
 
 
-def test_smallest_promisable_is_the_threshold() -> None:
-    for bits in (1, 2, 4):
-        n = entropy_bench.smallest_promisable(bits)
-        assert entropy_floor(bits, n) <= 1.05 < entropy_floor(bits, n - 1)
+def test_largest_ruled_out_is_the_threshold() -> None:
+    for bits in (1, 2, 4, 8):
+        n = entropy_bench.largest_ruled_out(bits)
+        assert entropy_floor(bits, n) > 1.05
+        assert all(entropy_floor(bits, m) <= 1.05 for m in range(n + 1, n + 200))
     assert entropy_floor(4, 131) > 1.05  # the digits CNN's 0.1% record cannot be promised
+
+
+def test_floor_subtracts_the_length_slack() -> None:
+    n, bits = 131, 4
+    slack = math.log2(2 * math.ceil(n * bits / 8))
+    assert entropy_floor(bits, n) == pytest.approx(
+        1 + (nml_regret_bits(16, n) - slack) / (n * bits))
+    assert entropy_floor(1, 1) == 1.0  # the slack can swallow the whole regret
+    assert entropy_floor(4, 0) == math.inf
+
+
+@pytest.mark.parametrize("alphabet", [2, 16, 256])
+def test_the_expansion_takes_over_seamlessly(alphabet: int, monkeypatch) -> None:
+    from fedslim.compression import bound
+
+    n = 1 << 20
+    exact = nml_regret_bits(alphabet, n)
+    monkeypatch.setattr(bound, "_EXACT_MAX", n - 1)
+    assert nml_regret_bits(alphabet, n) == pytest.approx(exact, abs=1e-3)
+    assert nml_regret_bits(alphabet, 10 * n) > exact
 
 
 def test_records_add_up_to_the_payload_stats() -> None:
@@ -84,7 +105,7 @@ def test_records_add_up_to_the_payload_stats() -> None:
         stats.values_entropy_bytes)
     big = records["w"]
     assert big.entropy_coded and big.count == 3000 and 1 < big.distinct <= 16
-    assert big.over_entropy >= big.floor > 1.0 and big.nml_over_entropy > 1.0
+    assert big.over_entropy > 1.0 and big.floor > 1.0 and big.nml_over_entropy > 1.0
     assert big.regret_bytes == pytest.approx(nml_regret_bits(16, 3000) / 8)
     # one code repeated: zero entropy (not -0.0), ratios infinite, nothing divides by zero
     for r in records.values():
@@ -98,9 +119,9 @@ def test_bench_prints_records_summary_and_thresholds(tmp_path: Path,
     out = tmp_path / "entropy.json"
     entropy_bench.main(["--seeds", "0", "--numel", "200000", "--json", str(out)])
     text = capsys.readouterr().out
-    assert "ans records /H" in text and "4-bit 203" in text
+    assert "ans records /H" in text and "4-bit 152 codes" in text
     data = json.loads(out.read_text())
-    assert data["thresholds"]["4"] == 203
+    assert data["thresholds"]["4"] == 152
     cases = {(row["case"], row["spec"]) for row in data["summary"]}
     assert cases == {(c, s) for c in ("digits-cnn", "10M-heavy") for s in entropy_bench.SPECS}
     coded = [r for r in data["records"] if r["entropy_coded"]]

@@ -6,6 +6,8 @@ with the mod); the server's :class:`~fedslim.strategies.downlink.Downlink` on it
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -131,14 +133,47 @@ def _key_message(version: int, payloads: list[bytes] | None):
 
 @pytest.mark.parametrize("version,payloads,fragment", [
     (5, None, "keyframe for version 5 without"),
-    (2, [b"x"] * 3, "catch-up of 3 steps to version 2"),
-    (300, [b"x"] * 257, "at most 256"),
+    (5, [], r"catch-up of 0 steps to version 5 \(allowed: 1 to 5\)"),
+    (2, [b"x"] * 3, r"catch-up of 3 steps to version 2 \(allowed: 1 to 2\)"),
+    (300, [b"x"] * 257, r"catch-up of 257 steps to version 300 \(allowed: 1 to 256\)"),
 ])
 def test_node_refuses_malformed_keyframe_chains(version, payloads, fragment):
     msg, head = _key_message(version, payloads)
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(DecodeError, match=fragment):
         receive_global(msg, ctx, head, _build)
+
+
+def test_node_refuses_a_chain_to_an_older_version():
+    msg, head = _key_message(3, [])
+    head = replace(head, base=5)  # (init_crc: the node builds its base itself)
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(DecodeError, match=r"catch-up of -2 steps to version 3"):
+        receive_global(msg, ctx, head, _build)
+
+
+def test_only_a_failed_round0_build_stops_keyframes_for_a_node():
+    down = Downlink(parse_spec("topk:0.1|q:4"), key_every=2, key_spec=parse_spec("q:8"))
+    down.sync(initial_arrays())
+    down.share_init()
+    for seed in range(2):
+        down.publish(_target(down.state, seed))
+    content = RecordDict({"arrays": initial_arrays()})
+    assert down.content_for(4, content, "arrays")[1] == "key"
+    down.forget(4)                                   # e.g. the node's training failed
+    assert down.content_for(4, content, "arrays")[1] == "key"
+    down.forget(4, init_failed=True)                 # it cannot build the round-0 model
+    assert down.content_for(4, content, "arrays")[1] == "full"
+
+
+def test_no_keyframe_once_the_model_differs_from_round0_in_kind():
+    down = Downlink(parse_spec("topk:0.1|q:4"), key_every=2, key_spec=parse_spec("q:8"))
+    down.sync(initial_arrays())
+    down.share_init()
+    changed = {k: v.double() if k.endswith("bias") else v for k, v in down.state.items()}
+    down.state = changed                             # e.g. an outside change of dtype
+    down.publish(_target(down.state, 0))
+    assert down.key is None and len(down.steps) == 1
 
 
 def test_keyframes_need_a_compressing_downlink_and_shared_init():
