@@ -26,36 +26,31 @@ import torch
 
 from fedslim.bench.codecs import digits_cnn_update, heavy_tailed_update
 from fedslim.compression import encode_update
-from fedslim.compression.bound import RecordEntropy, entropy_floor, record_entropy
+from fedslim.compression.bound import (
+    EntropyRatios,
+    RecordEntropy,
+    entropy_floor,
+    record_entropy,
+)
 
 SPECS = ["topk:0.01|q:4|ans", "topk:0.001|q:4|ans", "topk:0.01|q:2|ans"]
 TARGET = 1.05
 
 
 @dataclass(frozen=True)
-class Summary:
+class Summary(EntropyRatios):
     """Records of one payload taken together (sums of bytes, then the ratios)."""
 
     values_bytes: int
     entropy_bytes: float
     regret_bytes: float
     floor_excess_bytes: float  # sum over records of (floor - 1) * n * bits / 8
-
-    @property
-    def over_entropy(self) -> float:
-        return self.values_bytes / self.entropy_bytes if self.entropy_bytes else float("nan")
-
-    @property
-    def nml_over_entropy(self) -> float:
-        return ((self.entropy_bytes + self.regret_bytes) / self.entropy_bytes
-                if self.entropy_bytes else float("nan"))
-
     max_entropy_bytes: float  # n * bits / 8: no record of these sizes has more
 
     @property
     def floor(self) -> float:
         return (1.0 + self.floor_excess_bytes / self.max_entropy_bytes
-                if self.max_entropy_bytes else float("nan"))
+                if self.max_entropy_bytes else float("inf"))
 
 
 def summarise(records: Sequence[RecordEntropy]) -> Summary:

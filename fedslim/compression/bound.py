@@ -92,8 +92,26 @@ def entropy_floor(bits: int, n: int) -> float:
     return 1.0 + max(0.0, nml_regret_bits(1 << bits, n) - slack) / (n * bits)
 
 
+class EntropyRatios:
+    """Bytes sent and what NML would send, over the empirical entropy (``inf`` at 0)."""
+
+    values_bytes: float
+    entropy_bytes: float
+    regret_bytes: float
+
+    @property
+    def over_entropy(self) -> float:
+        return self.values_bytes / self.entropy_bytes if self.entropy_bytes else float("inf")
+
+    @property
+    def nml_over_entropy(self) -> float:
+        """What the NML code would write, over the entropy."""
+        return ((self.entropy_bytes + self.regret_bytes) / self.entropy_bytes
+                if self.entropy_bytes else float("inf"))
+
+
 @dataclass(frozen=True)
-class RecordEntropy:
+class RecordEntropy(EntropyRatios):
     """One quantized record's values section next to its codes' empirical entropy.
 
     ``regret_bytes`` is ``log2 C(2^bits, count) / 8``: what the minimax-optimal coder that
@@ -108,16 +126,6 @@ class RecordEntropy:
     values_bytes: int
     entropy_bytes: float
     regret_bytes: float
-
-    @property
-    def over_entropy(self) -> float:
-        return self.values_bytes / self.entropy_bytes if self.entropy_bytes else float("inf")
-
-    @property
-    def nml_over_entropy(self) -> float:
-        """What the NML code would write for this record, over its entropy."""
-        return ((self.entropy_bytes + self.regret_bytes) / self.entropy_bytes
-                if self.entropy_bytes else float("inf"))
 
     @property
     def floor(self) -> float:
