@@ -111,11 +111,13 @@ def test_nodes_coming_back_late_get_keyframes_and_stay_bit_identical():
 
 
 def test_key_messages_are_counted_in_the_round_reports():
+    """With federated evaluation too: evaluate messages may be keyframe chains as well."""
     grid = LoopbackGrid(make_quickstart_app([make_compression_mod(_build)]), 6)
-    strategy = Compressed(FedslimFedAvg(fraction_train=0.34, fraction_evaluate=0.0, seed=1),
+    strategy = Compressed(FedslimFedAvg(fraction_train=0.34, fraction_evaluate=0.34, seed=1),
                           uplink="topk:0.2|q:4", downlink="topk:0.1|q:4|ans",
                           shared_init=True, keyframe_every=2)
-    strategy.start(grid, initial_arrays(), num_rounds=8, train_config=ConfigRecord({"lr": 0.1}))
+    strategy.start(grid, initial_arrays(), num_rounds=8, train_config=ConfigRecord({"lr": 0.1}),
+                   evaluate_config=ConfigRecord())
     comm = [r.comm for r in strategy.collector.history if r.comm]
     assert len(comm) >= 7 and sum(c.key_messages for c in comm) >= 3
     assert all(r.rejects == [] for r in strategy.collector.history)
