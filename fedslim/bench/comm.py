@@ -232,7 +232,21 @@ def _run_all(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]
     return rows
 
 
-def _write(rows: list[dict[str, Any]], summary: list[dict[str, Any]], out: Path) -> None:
+def workload(run_config: list[str]) -> str:
+    """What the plots' titles say was run: model, data, partitioning, participation (the
+    ``-c`` overrides applied to every setting, else the defaults)."""
+    cfg = dict(item.split("=", 1) for item in run_config if "=" in item)
+    parts = [f"{cfg.get('model', 'digits_cnn')} on {cfg.get('dataset', 'digits')}",
+             f"{cfg.get('partitioning', 'dirichlet')}"
+             + (f" {cfg.get('dirichlet-alpha', '0.5')}"
+                if cfg.get("partitioning", "dirichlet") == "dirichlet" else "")]
+    if "fraction-train" in cfg:
+        parts.append(f"fraction-train {cfg['fraction-train']}")
+    return ", ".join(parts)
+
+
+def _write(rows: list[dict[str, Any]], summary: list[dict[str, Any]], out: Path,
+           what: str = "digits_cnn on digits, dirichlet 0.5") -> None:
     (out / "runs.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
     with open(out / "runs.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=[k for k in rows[0] if k != "curve"]
@@ -243,15 +257,15 @@ def _write(rows: list[dict[str, Any]], summary: list[dict[str, Any]], out: Path)
     seeds = sorted({r["seed"] for r in rows}, key=[r["seed"] for r in rows].index)
     plots.frontier(summary, out / "frontier_total.png", "total_ratio",
                    "total traffic reduction vs none (x): every message, both directions",
-                   f"total bytes vs accuracy (digits, Dirichlet 0.5; seeds {seeds})",
+                   f"total bytes vs accuracy ({what}; seeds {seeds})",
                    "selected_total")
     plots.frontier(summary, out / "frontier_uplink.png", "uplink_ratio",
                    "uplink reduction vs none (x, serialized bytes)",
-                   f"uplink bytes vs accuracy (digits, Dirichlet 0.5; seeds {seeds})",
+                   f"uplink bytes vs accuracy ({what}; seeds {seeds})",
                    "selected_uplink")
     plots.curves(rows, seeds[0], out / "curves.png", "total_bytes",
                  "cumulative total traffic (MB, all messages, both directions)",
-                 f"accuracy vs cumulative traffic, seed {seeds[0]} only")
+                 f"accuracy vs cumulative traffic ({what}), seed {seeds[0]} only")
 
 
 def _table(summary: list[dict[str, Any]], title: str) -> Table:
@@ -285,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         rows = _run_all(args, names)
     summary = summarize(rows, args.min_ratio, args.min_total_ratio)
-    _write(rows, summary, args.out)
+    _write(rows, summary, args.out, workload(args.run_config))
     seeds = sorted({r["seed"] for r in rows})
     Console(width=160).print(_table(summary, (
         f"{args.num_clients} clients, {args.rounds} rounds, seeds {seeds}; selection on val: "
