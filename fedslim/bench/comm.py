@@ -34,6 +34,8 @@ from rich.table import Table
 
 from fedslim.bench import plots
 from fedslim.bench.runner import simulate_subprocess
+from fedslim.config import parse_run_config
+from fedslim.config_fields import parse_cli_overrides
 
 _MOMENTUM = {"server-opt": "avgm", "server-momentum": 0.5}
 # Explicit, so a setting means the same under partial participation, where the default
@@ -144,6 +146,7 @@ def run_one(name: str, overrides: dict[str, Any], num_clients: int, rounds: int,
         "delta_messages": sum(r.comm.delta_messages for r in res.rounds if r.comm),
         "current_messages": sum(r.comm.current_messages for r in res.rounds if r.comm),
         "key_messages": sum(r.comm.key_messages for r in res.rounds if r.comm),
+        "init_messages": sum(r.comm.init_messages for r in res.rounds if r.comm),
     }
 
 
@@ -234,20 +237,22 @@ def _run_all(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]
 
 def workload(run_config: list[str]) -> str:
     """What the plots' titles say was run: model, data, partitioning, participation (the
-    ``-c`` overrides applied to every setting, else the defaults)."""
-    cfg = dict(item.split("=", 1) for item in run_config if "=" in item)
-    parts = [f"{cfg.get('model', 'digits_cnn')} on {cfg.get('dataset', 'digits')}",
-             f"{cfg.get('partitioning', 'dirichlet')}"
-             + (f" {cfg.get('dirichlet-alpha', '0.5')}"
-                if cfg.get("partitioning", "dirichlet") == "dirichlet" else "")]
-    if "fraction-train" in cfg:
-        parts.append(f"fraction-train {cfg['fraction-train']}")
+    ``-c`` overrides applied to every setting, parsed as the CLI parses them, on top of
+    the run config's defaults)."""
+    cfg = parse_run_config(parse_cli_overrides(run_config))
+    parts = [f"{cfg.train.model} on {cfg.data.dataset}", str(cfg.data.partitioning)
+             + (f" {cfg.data.dirichlet_alpha:g}" if cfg.data.partitioning == "dirichlet"
+                else "")]
+    if cfg.fed.fraction_train < 1.0:
+        parts.append(f"fraction-train {cfg.fed.fraction_train:g}")
     return ", ".join(parts)
 
 
 def _write(rows: list[dict[str, Any]], summary: list[dict[str, Any]], out: Path,
-           what: str = "digits_cnn on digits, dirichlet 0.5") -> None:
-    (out / "runs.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+           run_config: list[str]) -> None:
+    what = workload(run_config)
+    (out / "runs.json").write_text(json.dumps({"rows": rows, "summary": summary,
+                                               "run_config": run_config}, indent=2))
     with open(out / "runs.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=[k for k in rows[0] if k != "curve"]
                            + sorted({k for r in rows for k in r} - set(rows[0])),
@@ -294,12 +299,16 @@ def main(argv: list[str] | None = None) -> None:
     if BASELINE not in names:  # every ratio and pp difference is against it, seed by seed
         names.insert(0, BASELINE)
     args.out.mkdir(parents=True, exist_ok=True)
+    run_config = args.run_config
     if args.from_json:
-        rows = json.loads(args.from_json.read_text())["rows"]
+        stored = json.loads(args.from_json.read_text())
+        rows = stored["rows"]
+        # the -c overrides the runs were made with (runs.json of older versions: as given)
+        run_config = stored.get("run_config", run_config)
     else:
         rows = _run_all(args, names)
     summary = summarize(rows, args.min_ratio, args.min_total_ratio)
-    _write(rows, summary, args.out, workload(args.run_config))
+    _write(rows, summary, args.out, run_config)
     seeds = sorted({r["seed"] for r in rows})
     Console(width=160).print(_table(summary, (
         f"{args.num_clients} clients, {args.rounds} rounds, seeds {seeds}; selection on val: "

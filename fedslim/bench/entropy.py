@@ -48,9 +48,18 @@ class Summary(EntropyRatios):
     max_entropy_bytes: float  # n * bits / 8: no record of these sizes has more
 
     @property
+    def over_entropy(self) -> float:
+        return super().over_entropy if self.max_entropy_bytes else float("nan")
+
+    @property
+    def nml_over_entropy(self) -> float:
+        return super().nml_over_entropy if self.max_entropy_bytes else float("nan")
+
+    @property
     def floor(self) -> float:
+        """``nan`` for no records (nothing to judge), like the two ratios."""
         return (1.0 + self.floor_excess_bytes / self.max_entropy_bytes
-                if self.max_entropy_bytes else float("inf"))
+                if self.max_entropy_bytes else float("nan"))
 
 
 def summarise(records: Sequence[RecordEntropy]) -> Summary:
