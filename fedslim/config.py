@@ -239,8 +239,9 @@ class CompressionConfig:
         "keyframe-every", "Every this many versions, the global model the downlink sends is "
         "a keyframe: its drift from the round-0 model through the `keyframe` pipeline, which "
         "nodes too far behind for a catch-up chain get instead of the full float32 model. "
-        "For low participation (fraction-train <= 0.1): no chain crosses a keyframe, so a "
-        "node that held the version before one downloads the keyframe, not a short chain. "
+        "For low participation (measured: at fraction-train 0.01 total traffic 2.0x -> "
+        "10.5x below FedAvg with 16; at 0.1 about neutral): no chain crosses a keyframe, so "
+        "every node older than the newest one downloads it, not a short chain. "
         "Needs a compressing `downlink` and `shared-init`. 0: none.", low=0, high=32))
     keyframe: PipelineSpec = field(default=KEYFRAME_SPEC, metadata=key(
         "keyframe", "Pipeline for keyframes (see `keyframe-every`); what it rounds off joins "
