@@ -104,9 +104,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "uplink": "budget:x250|q:4|ans|pass:0", **_MOMENTUM, "downlink": "topk:0.05|q:4|ans"},
     "both ways: budget x150 + q4 + ans, pass:0; down topk 5% + q4 + ans": {
         "uplink": "budget:x150|q:4|ans|pass:0", **_MOMENTUM, "downlink": "topk:0.05|q:4|ans"},
-    # both directions at low participation: the x100 uplink with downlink steps, alone
-    # (a node back after ~100 rounds is past the 32-step chain: the full model) and with
-    # keyframes (the model's drift from round 0, compressed, instead of the full model)
+    # both directions at low participation: the x100 uplink with downlink steps, alone (a
+    # node picked past the 32-step chain gets the full model) and with keyframes (the
+    # model's drift from round 0, compressed, instead of the full model)
     "x100 q2 both ways: down topk 5% + q4 + ans": {
         "uplink": "budget:x100|q:2|ans|pass:0", **_MOMENTUM, "downlink": "topk:0.05|q:4|ans"},
     **{f"x100 q2 both ways: down topk 5% + q4 + ans, keyframes every {k} ({name})": {
