@@ -43,7 +43,8 @@ from fedslim.compression.spec import (
     Scope,
     SelectMode,
 )
-from fedslim.compression.wire import Packing, TensorRecord, read_payload
+from fedslim.compression.wire import Packing, TensorRecord
+from fedslim.compression.wire_read import read_payload
 from fedslim.errors import DecodeError, SpecError
 
 
@@ -99,7 +100,7 @@ def _check_against_spec(spec: PipelineSpec, rec: TensorRecord, where: str) -> No
         expected = f"positions coded as {spec.positions.value}" if spec.topk else "no top-k"
     if ok and spec.topk is not None and not _is_passthrough(spec, rec.numel):
         if (spec.topk.scope is Scope.TENSOR and spec.topk.mode is SelectMode.EXACT
-                and not spec.topk.is_budget):
+                and not spec.topk.is_adaptive):
             ok = rec.count == spec.topk.k_for(rec.numel)
             expected = f"exactly {spec.topk.k_for(rec.numel)} kept values"
     if ok and rec.packing is Packing.ZSTD and spec.zstd is None:
@@ -224,7 +225,8 @@ def _decode(payload: bytes | bytearray | memoryview, max_elements: int,
         if len(payload) > limit:
             raise DecodeError(f"payload is {len(payload)} bytes, over its spec's budget "
                               f"({limit} bytes)")
-    elif topk is not None and topk.scope is Scope.GLOBAL and topk.mode is SelectMode.EXACT:
+    elif (topk is not None and topk.scope is Scope.GLOBAL and topk.mode is SelectMode.EXACT
+          and not topk.is_adaptive):
         if kept_in_pool != topk.k_for(pool_numel):
             raise DecodeError(f"global top-k payload keeps {kept_in_pool} values, spec "
                               f"{str(spec)!r} implies {topk.k_for(pool_numel)}")

@@ -163,6 +163,16 @@ def _parse_budget(a: _Args) -> TopKConfig:
     return TopKConfig(budget=int(size), scope=Scope.GLOBAL)
 
 
+def _parse_energy(a: _Args) -> TopKConfig:
+    text = a.first("fraction of the update's squared norm (e.g. 0.6 or 60%)",
+                   required=True) or ""
+    value = (_float(a.stage, "percentage", text[:-1]) / 100.0 if text.endswith("%")
+             else _float(a.stage, "fraction", text))
+    scope = _enum(a.stage, "scope", Scope, a.key("scope"), Scope.TENSOR)
+    a.done(("scope",))
+    return TopKConfig(energy=value, scope=scope)
+
+
 def _parse_lowrank(a: _Args) -> LowRankConfig:
     rank = _int(a.stage, "rank", a.first("rank", required=True) or "")
     a.done()
@@ -240,6 +250,7 @@ def register_stage(name: str, slot: Slot, parser: StageParser, example: str,
 
 register_stage("topk", Slot.SELECT, _parse_topk, "topk:0.01")
 register_stage("budget", Slot.SELECT, _parse_budget, "budget:4KB")
+register_stage("energy", Slot.SELECT, _parse_energy, "energy:0.6")
 register_stage("lowrank", Slot.SELECT, _parse_lowrank, "lowrank:4", field_name="lowrank")
 register_stage("q", Slot.VALUES, _parse_q, "q:4")
 register_stage("sign", Slot.VALUES, _parse_sign, "sign")
@@ -302,7 +313,7 @@ def _build(text: str) -> PipelineSpec:
         if slot is not Slot.PASSTHROUGH:  # an option more than a stage: allowed anywhere
             if last is not None and slot < last[0]:
                 raise SpecError(f"stage {name!r} must come before {last[1]!r}; order is "
-                                "topk|budget|lowrank, q|sign|fp16|bf16|fp32, "
+                                "topk|budget|energy|lowrank, q|sign|fp16|bf16|fp32, "
                                 "auto|bitmap|golomb, ans, zstd")
             last = (slot, name)
         seen[slot] = name

@@ -24,6 +24,7 @@ import torch
 from fedslim.compression import buffers, entropy, lowrank
 from fedslim.compression.bitpack import pack_codes
 from fedslim.compression.budget import encode_within
+from fedslim.compression.fidelity import select_energy
 from fedslim.compression.grammar import parse_spec
 from fedslim.compression.positions import PositionCodec, encode_positions
 from fedslim.compression.quantize import (
@@ -225,21 +226,29 @@ def encode_update(tensors: Mapping[str, torch.Tensor], spec: PipelineSpec | str,
                                       spec_implied),
             limit, pool, spec)
         return (payload, recon) if return_reconstruction else payload
-    payload, recon = encode_prepared(prepared, spec, spec.topk, generator,
+    select: TopKConfig | dict[str, torch.Tensor] | None = spec.topk
+    if spec.topk is not None and spec.topk.energy is not None:
+        kept = [p for p in prepared if not _is_passthrough(spec, p.flat.numel())]
+        chosen = select_energy([p.flat for p in kept], spec.topk, generator)
+        select = {p.name: idx for p, idx in zip(kept, chosen, strict=True)}
+    payload, recon = encode_prepared(prepared, spec, select, generator,
                                      return_reconstruction, lowrank_state, schema_bound,
                                      spec_implied, reconstruction_out)
     return (payload, recon) if return_reconstruction else payload
 
 
-def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec, select: TopKConfig | None,
+def encode_prepared(prepared: list[_Prepared], spec: PipelineSpec,
+                    select: TopKConfig | dict[str, torch.Tensor] | None,
                     generator: torch.Generator | None, return_reconstruction: bool,
                     lowrank_state: dict[str, torch.Tensor] | None, schema_bound: bool = False,
                     spec_implied: bool = False, out: State | None = None
                     ) -> tuple[bytes, dict[str, torch.Tensor]]:
     """The payload (and reconstruction, if asked, into ``out``'s buffers where they fit)
-    with selection ``select``."""
+    with selection ``select`` (a top-k config, or the kept indices per tensor name)."""
     selected: dict[str, torch.Tensor] = {}
-    if select is not None:
+    if isinstance(select, dict):
+        selected = select
+    elif select is not None:
         pool = [p for p in prepared if not _is_passthrough(spec, p.flat.numel())]
         chosen = select_topk([p.flat for p in pool], select, generator)
         selected = {p.name: idx for p, idx in zip(pool, chosen, strict=True)}

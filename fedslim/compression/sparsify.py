@@ -52,6 +52,15 @@ def select_topk(flats: Sequence[torch.Tensor], config: TopKConfig,
     return [_select([f], config.k_for(f.numel()), config, generator)[0] for f in flats]
 
 
+def select_count(flats: Sequence[torch.Tensor], k: int,
+                 generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Indices of exactly the ``k`` largest magnitudes across ``flats`` (ties: lowest
+    (tensor, index) first), per tensor; ``k = 0`` keeps nothing."""
+    if k <= 0:
+        return [torch.zeros(0, dtype=torch.int64, device=f.device) for f in flats]
+    return _select(flats, k, TopKConfig(count=k, scope=Scope.GLOBAL), generator)
+
+
 def _select(flats: Sequence[torch.Tensor], k: int, config: TopKConfig,
             generator: torch.Generator | None) -> list[torch.Tensor]:
     total = sum(f.numel() for f in flats)

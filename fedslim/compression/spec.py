@@ -43,9 +43,11 @@ def _fmt_ratio(x: float) -> str:
 
 @dataclass(frozen=True)
 class TopKConfig:
-    """Keep the largest-magnitude entries: a ``fraction`` in (0, 1], a fixed ``count``, or
-    as many as fit a byte budget (``budget`` bytes, or the update's float32 size over
-    ``ratio``); a budget always selects globally, by magnitude across tensors."""
+    """Keep the largest-magnitude entries: a ``fraction`` in (0, 1], a fixed ``count``, as
+    many as fit a byte budget (``budget`` bytes, or the update's float32 size over
+    ``ratio``; a budget always selects globally, by magnitude across tensors), or the
+    fewest that hold ``energy`` -- a fraction of the update's squared L2 norm -- per tensor
+    (``scope=tensor``) or over the whole update (``scope=global``)."""
 
     fraction: float | None = None
     count: int | None = None
@@ -54,12 +56,20 @@ class TopKConfig:
     tol: float = DEFAULT_SAMPLED_TOL
     budget: int | None = None
     ratio: float | None = None
+    energy: float | None = None
 
     def __post_init__(self) -> None:
-        given = [x is not None for x in (self.fraction, self.count, self.budget, self.ratio)]
+        given = [x is not None for x in (self.fraction, self.count, self.budget, self.ratio,
+                                         self.energy)]
         if sum(given) != 1:
             raise SpecError("topk needs exactly one of a fraction (e.g. 0.01 or 1%) or a "
-                            "count (e.g. k=100); budget needs one of bytes or xRATIO")
+                            "count (e.g. k=100); budget needs one of bytes or xRATIO; "
+                            "energy needs a fraction")
+        if self.energy is not None:
+            if not (0.0 < self.energy <= 1.0):
+                raise SpecError(f"energy must be a fraction in (0, 1], got {self.energy!r}")
+            if self.mode is not SelectMode.EXACT:
+                raise SpecError("energy selects exactly (no mode=sampled)")
         if self.is_budget:
             if self.budget is not None and not (64 <= self.budget <= 1 << 40):
                 raise SpecError(f"budget must be 64 B .. 1 TB, got {self.budget!r} bytes")
@@ -82,6 +92,12 @@ class TopKConfig:
         """True for ``budget:``: the encoder picks k so the payload fits the budget."""
         return self.budget is not None or self.ratio is not None
 
+    @property
+    def is_adaptive(self) -> bool:
+        """True when the encoder picks k from the update itself (``budget:``, ``energy:``):
+        the spec implies no count a receiver could check."""
+        return self.is_budget or self.energy is not None
+
     def budget_for(self, numel: int) -> int:
         """The byte budget of an update of ``numel`` float32 values."""
         if self.budget is not None:
@@ -90,8 +106,8 @@ class TopKConfig:
 
     def k_for(self, numel: int) -> int:
         """Number of entries to keep out of ``numel`` (at least one when numel > 0)."""
-        if self.is_budget:
-            raise SpecError("a byte budget has no fixed k: the encoder chooses it")
+        if self.is_adaptive:
+            raise SpecError(f"{self} has no fixed k: the encoder chooses it")
         if numel <= 0:
             return 0
         if self.count is not None:
@@ -113,6 +129,9 @@ class TopKConfig:
             return f"budget:{self.budget}"
         if self.ratio is not None:
             return f"budget:x{_fmt_ratio(self.ratio)}"
+        if self.energy is not None:
+            return f"energy:{_fmt_float(self.energy)}" + (
+                ",scope=global" if self.scope is Scope.GLOBAL else "")
         amount = (f"k={self.count}" if self.count is not None
                   else _fmt_float(self.fraction or 0.0))
         parts = [amount]
@@ -352,8 +371,8 @@ class PipelineSpec:
                             f"got {server_round} and {warmup_rounds}")
         if not (0.0 < start_density <= 1.0):
             raise SpecError(f"start_density must be in (0, 1], got {start_density!r}")
-        if warmup_rounds == 0 or self.topk is None or self.topk.is_budget:
-            return self  # (a budget is a size, not a density: nothing to warm up)
+        if warmup_rounds == 0 or self.topk is None or self.topk.is_adaptive:
+            return self  # (a budget or an energy is not a density: nothing to warm up)
         target = self.topk.fraction
         if target is None:
             raise SpecError(f"sparsity warm-up needs a fractional topk, not a count ({self.topk})")

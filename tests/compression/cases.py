@@ -9,6 +9,7 @@ import torch
 from hypothesis import strategies as st
 
 from fedslim.compression import PipelineSpec, QuantizeConfig, ScaleStat, parse_spec
+from fedslim.compression.fidelity import energy_count
 
 # Every stage alone (with pass:0 so even tiny tensors go through it) and realistic pipelines.
 STAGE_SPECS = [
@@ -33,6 +34,8 @@ STAGE_SPECS = [
     "q:8,block=16|ans|pass:0",
     "topk:0.1,mode=sampled,tol=0.2|pass:0",
     "pass:64,dtype=fp16|zstd",
+    "energy:0.6|pass:0",
+    "energy:0.3,scope=global|q:4|pass:0",
 ]
 PIPELINE_SPECS = [
     "topk:0.01|q:4",
@@ -47,6 +50,8 @@ PIPELINE_SPECS = [
     "topk:0.1|fp16|zstd:19",
     "topk:0.01|q:4|ans",
     "topk:0.05|q:2,round=stochastic|golomb|ans|zstd",
+    "energy:0.5|q:4|ans|pass:0",
+    "energy:0.9,scope=global|q:8|ans",
 ]
 ALL_SPECS = STAGE_SPECS + PIPELINE_SPECS
 
@@ -119,9 +124,18 @@ def kept_reference(spec: PipelineSpec, update: dict[str, torch.Tensor]) -> dict[
     if topk is None:
         return out
     pool = [n for n, f in flats.items() if f.size >= spec.passthrough.below]
+
+    def count(values: list[np.ndarray]) -> int:
+        """k of the spec for these values (an energy stage: its own count, which
+        tests/compression/test_energy.py checks against a float64 reference)."""
+        if topk.energy is None:
+            return topk.k_for(sum(v.size for v in values))
+        return energy_count([torch.from_numpy(v.astype(np.float32)) for v in values],
+                            topk.energy)
+
     if topk.scope.value == "global":
         joined = np.concatenate([flats[n] for n in pool]) if pool else np.zeros(0)
-        keep = reference_topk(joined, topk.k_for(joined.size))
+        keep = reference_topk(joined, count([flats[n] for n in pool]))
         start = 0
         for n in pool:
             size = flats[n].size
@@ -129,7 +143,7 @@ def kept_reference(spec: PipelineSpec, update: dict[str, torch.Tensor]) -> dict[
             start += size
     else:
         for n in pool:
-            out[n] = reference_topk(flats[n], topk.k_for(flats[n].size))
+            out[n] = reference_topk(flats[n], count([flats[n]]))
     return out
 
 
