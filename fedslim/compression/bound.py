@@ -39,7 +39,8 @@ from fedslim.compression import entropy
 from fedslim.compression.bitpack import unpack_codes
 from fedslim.compression.positions import PositionCodec
 from fedslim.compression.quantize import ValueCodec, n_scales
-from fedslim.compression.wire import TensorRecord, read_payload
+from fedslim.compression.wire import TensorRecord
+from fedslim.compression.wire_read import read_payload
 
 _VALUE_BITS = {ValueCodec.F32: 32, ValueCodec.F16: 16, ValueCodec.BF16: 16}
 

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedslim.compression import decode_update, encode_update, parse_spec
-from fedslim.compression.wire import read_payload, write_payload
+from fedslim.compression.wire import write_payload
+from fedslim.compression.wire_read import read_payload
 from fedslim.errors import DecodeError, EncodeError, SpecError
 
 

@@ -91,9 +91,11 @@ def test_reconstruction_never_aliases_the_input() -> None:
 def test_without_zstandard_the_codecs_still_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a torch-only box: zstd specs fail clearly, everything else works."""
     import fedslim.compression.wire as wire
+    import fedslim.compression.wire_read as wire_read
 
     payload = encode_update({"w": torch.zeros(4000)}, "fp16|zstd")
     monkeypatch.setattr(wire, "_zstd", lambda: None)
+    monkeypatch.setattr(wire_read, "_zstd", lambda: None)
     with pytest.raises(EncodeError, match="zstandard"):
         encode_update({"w": torch.zeros(10)}, "q:8|zstd")
     with pytest.raises(DecodeError, match="zstandard"):

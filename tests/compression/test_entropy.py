@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from fedslim.compression import decode_update, encode_update, parse_spec
 from fedslim.compression.entropy import decode_codes, empirical_entropy_bytes, encode_codes
-from fedslim.compression.wire import read_payload, write_payload
+from fedslim.compression.wire import write_payload
+from fedslim.compression.wire_read import read_payload
 from fedslim.errors import DecodeError, SpecError
 
 pytest.importorskip("constriction")

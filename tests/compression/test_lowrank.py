@@ -9,7 +9,8 @@ import torch
 
 from fedslim.compression import decode_update, encode_update
 from fedslim.compression.lowrank import factor_count, reconstruct
-from fedslim.compression.wire import read_payload, write_payload
+from fedslim.compression.wire import write_payload
+from fedslim.compression.wire_read import read_payload
 from fedslim.errors import DecodeError
 
 

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from fedslim.compression import DecodedUpdate, decode_update, encode_update
 from fedslim.compression.positions import PositionCodec, _encode_rice, decode_positions
-from fedslim.compression.wire import HEADER, VERSION, TensorRecord, read_payload, write_payload
+from fedslim.compression.wire import HEADER, VERSION, TensorRecord, write_payload
+from fedslim.compression.wire_read import read_payload
 from fedslim.errors import DecodeError
 
 SPECS = ["none", "q:8", "topk:0.1|q:4|pass:0", "q:4|ans|pass:0", "topk:0.5|q:3|ans|pass:0",
