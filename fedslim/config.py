@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedslim.compression.auto import DOWNLINK_AUTO, UPLINK_AUTO, AutoSpec, compresses
 from fedslim.compression.grammar import parse_spec
 from fedslim.compression.spec import PipelineSpec
 from fedslim.config_enums import (
@@ -203,25 +204,27 @@ class FederationConfig:
         check_registered("strategy", self.strategy, STRATEGIES, "strategy")
 
 
-AUTO_DOWNLINK = "topk:0.05|q:4|ans"  # ans: the same values in fewer bytes (lossless)
-AUTO_DOWNLINK_SPEC = parse_spec(AUTO_DOWNLINK)
 KEYFRAME_SPEC = parse_spec("q:8|ans")
+ADAM_SERVER_LR = 0.1  # Flower's FedAdam default eta
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
     """Update compression on the wire and the server-side optimizer."""
 
-    uplink: PipelineSpec = field(default=PipelineSpec(), metadata=key(
-        "uplink", "Client-to-server pipeline spec (`none` = plain float32 arrays, exactly "
-        "as stock Flower; e.g. `topk:0.01|q:4`, `budget:x250|q:4|ans|pass:0` for whole "
-        "replies 250x smaller, `lowrank:4|q:8`). See docs/compression.md."))
-    downlink: PipelineSpec | None = field(default=None, metadata=key(
-        "downlink", "Server-to-client pipeline for the global model's steps: `auto` "
-        "(`none` when `uplink` is `none`, else `" + AUTO_DOWNLINK + "`: the setting "
-        "bench.comm selected on validation data, entropy-coded), `none` (the full float32 "
-        "model every round), or a spec. The server decodes its own payload, so clients "
-        "and server hold bit-identical weights with any pipeline."))
+    uplink: PipelineSpec | AutoSpec = field(default=UPLINK_AUTO, metadata=key(
+        "uplink", "Client-to-server pipeline: `auto` (each tensor keeps the fewest values "
+        "holding a fraction of its update's energy, 4-bit quantized and entropy-coded; the "
+        "fraction follows a loss signal, see docs/compression.md; `auto:energy=0.6,low=0.3,"
+        "high=0.95,bits=4` sets its base and range), `none` (plain float32 arrays, exactly "
+        "as stock Flower), or a fixed spec (e.g. `topk:0.01|q:4`, "
+        "`budget:x250|q:4|ans|pass:0`, `lowrank:4|q:8`)."))
+    downlink: PipelineSpec | AutoSpec | None = field(default=None, metadata=key(
+        "downlink", "Server-to-client pipeline for the global model's steps: `auto` (`none` "
+        "when `uplink` is `none`, else the adaptive pipeline of `uplink=auto` with its own "
+        "level), `none` (the full float32 model every round), or a spec. The server decodes "
+        "its own payload, so clients and server hold bit-identical weights with any "
+        "pipeline."))
     stream_aggregation: bool = field(default=True, metadata=key(
         "stream-aggregation", "The server validates each reply, keeps it as sent and folds "
         "its decoded update into a running sum one at a time (memory O(model), not O(clients "
@@ -265,9 +268,11 @@ class CompressionConfig:
     server_opt: ServerOpt = field(default=ServerOpt.AVG, metadata=key(
         "server-opt", "How the averaged update is applied: `avg`, `avgm` (momentum) or "
         "`adam`."))
-    server_lr: float = field(default=1.0, metadata=key(
-        "server-lr", "Server learning rate applied to the averaged update.", low=0.0,
-        low_open=True))
+    server_lr: float | None = field(default=None, metadata=key(
+        "server-lr", "Server learning rate applied to the averaged update: `auto` = 1.0 for "
+        "`avg` / `avgm` and FedAvgM, 0.1 for Adam (`server-opt=adam`, `strategy=fedadam`: "
+        "Flower's FedAdam default; 1.0 drives the digits CNN to chance), or a number.",
+        low=0.0, low_open=True))
     server_momentum: float = field(default=0.9, metadata=key(
         "server-momentum", "Momentum for `avgm`; beta1 for `adam`.", low=0.0, high=0.999))
     defence_clip_ratio: float = field(default=3.0, metadata=key(
@@ -287,18 +292,27 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-        if self.keyframe_every and (self.downlink_spec.is_identity or not self.shared_init):
+        if self.keyframe_every and (not compresses(self.downlink_spec) or not self.shared_init):
             raise ConfigError(
                 f"keyframe-every={self.keyframe_every} needs a compressing downlink and "
                 f"shared-init=true (downlink={self.downlink_spec}, shared-init="
                 f"{str(self.shared_init).lower()})")
+        if self.warmup_rounds and not isinstance(self.uplink, PipelineSpec):
+            raise ConfigError(f"warmup-rounds={self.warmup_rounds} decays a topk fraction; "
+                              f"uplink={self.uplink} sets its own level (use warmup-rounds=0)")
+
+    def server_lr_for(self, adam: bool) -> float:
+        """``server-lr`` with ``auto`` resolved: 0.1 for an Adam server step, else 1.0."""
+        if self.server_lr is not None:
+            return self.server_lr
+        return ADAM_SERVER_LR if adam else 1.0
 
     @property
-    def downlink_spec(self) -> PipelineSpec:
+    def downlink_spec(self) -> PipelineSpec | AutoSpec:
         """``downlink`` with ``auto`` resolved against ``uplink``."""
         if self.downlink is not None:
             return self.downlink
-        return PipelineSpec() if self.uplink.is_identity else AUTO_DOWNLINK_SPEC
+        return DOWNLINK_AUTO if compresses(self.uplink) else PipelineSpec()
 
 
 @dataclass(frozen=True)
@@ -392,8 +406,10 @@ def _key_rows() -> tuple[tuple[str, str, Any, str], ...]:
                 tname = "one of " + ", ".join(f"`{m.value}`" for m in typ)
             elif typ is PipelineSpec:
                 tname = "pipeline spec"
-            elif typ == PipelineSpec | None:
+            elif typ in (PipelineSpec | AutoSpec, PipelineSpec | AutoSpec | None):
                 tname = "`auto` or pipeline spec"
+            elif typ == float | None:
+                tname = "`auto` or float"
             else:
                 tname = typ.__name__
             rows.append((f.metadata["key"], tname, default, f.metadata["help"]))

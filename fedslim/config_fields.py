@@ -14,6 +14,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from fedslim.compression.auto import AutoSpec, parse_auto
 from fedslim.compression.grammar import parse_spec
 from fedslim.compression.spec import PipelineSpec
 from fedslim.errors import ConfigError, SpecError
@@ -50,19 +51,20 @@ def flat(value: Any) -> bool | int | float | str:
         return "auto"
     if isinstance(value, enum.Enum):
         return value.value
-    if isinstance(value, PipelineSpec):
+    if isinstance(value, PipelineSpec | AutoSpec):
         return str(value)
     return value
 
 
-def _spec(key: str, value: Any) -> PipelineSpec:
-    if isinstance(value, PipelineSpec):
+def _spec(key: str, value: Any, auto: bool = False) -> PipelineSpec | AutoSpec:
+    if isinstance(value, PipelineSpec) or (auto and isinstance(value, AutoSpec)):
         return value
     if not isinstance(value, str):
         raise ConfigError(f"run-config key {key!r}: got {value!r}; expected a pipeline "
                           "spec string such as 'topk:0.01|q:4'")
     try:
-        return parse_spec(value)
+        adaptive = parse_auto(value) if auto else None
+        return adaptive if adaptive is not None else parse_spec(value)
     except SpecError as exc:
         raise ConfigError(f"run-config key {key!r}: invalid pipeline spec {value!r}: "
                           f"{exc}") from None
@@ -107,10 +109,16 @@ def _number(key: str, value: Any, typ: type) -> int | float:
 
 def coerce(key: str, value: Any, typ: Any, meta: Mapping[str, Any]) -> Any:
     """Convert one run-config value to the field's type, raising ConfigError on mismatch."""
-    if typ == PipelineSpec | None:  # None is spelled "auto"
-        return None if value is None or value == "auto" else _spec(key, value)
+    if typ == PipelineSpec | AutoSpec | None:  # None is spelled "auto": decided elsewhere
+        return None if value is None or value == "auto" else _spec(key, value, auto=True)
+    if typ == PipelineSpec | AutoSpec:
+        return _spec(key, value, auto=True)
     if typ is PipelineSpec:
         return _spec(key, value)
+    if typ == float | None:  # a number, or "auto" (None): a default that depends on others
+        if value is None or value == "auto":
+            return None
+        typ = float
     if isinstance(typ, type) and issubclass(typ, enum.Enum):
         return _choice(key, value, typ)
     if typ is bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fedslim.compression.spec import PipelineSpec
 from fedslim.config import RunConfig
 from fedslim.errors import ConfigError
 from fedslim.protocol import CHECKPOINT_FILE
@@ -68,7 +69,8 @@ and at least 64 bytes of update. (The client mod checks the exact figure per rep
 
 def check_budget(cfg: RunConfig) -> None:
     """Refuse an uplink byte budget no reply can fit (every reply would be rejected)."""
-    topk = cfg.comp.uplink.topk
+    uplink = cfg.comp.uplink
+    topk = uplink.topk if isinstance(uplink, PipelineSpec) else None
     if topk is None or not topk.is_budget:
         return
     from fedslim.task.data import load_splits

@@ -8,7 +8,9 @@ gets instead -- the reconstruction keeps ``E`` of the update's squared norm (bef
 quantization), so its cosine with the update is at least ``sqrt(E)`` -- and lets the number
 of values, hence the bytes, follow the update. With ``scope=tensor`` every tensor keeps
 ``E`` of its own energy (no layer is starved by a larger one); with ``scope=global`` the
-update as a whole does.
+update as a whole does -- the water-filling choice, fewest values for the energy -- and a
+``floor`` F keeps at least F of every tensor's own energy on top (a layer whose updates are
+small next to the others' still moves every round).
 
 The count is exact and deterministic: a random sample only narrows down the candidates (an
 element at or above a threshold whose candidates provably hold enough energy), then the
@@ -107,9 +109,18 @@ def select_energy(flats: Sequence[torch.Tensor], config: TopKConfig,
     fraction = config.energy
     if fraction is None:
         raise ValueError(f"{config} is not an energy selection")
-    if config.scope is Scope.GLOBAL:
-        return select_count(flats, energy_count(flats, fraction, generator))
-    return [select_count([f], energy_count([f], fraction, generator))[0] for f in flats]
+    if config.scope is not Scope.GLOBAL:
+        return [select_count([f], energy_count([f], fraction, generator))[0] for f in flats]
+    chosen = select_count(flats, energy_count(flats, fraction, generator))
+    if not config.floor:
+        return chosen
+    # Each tensor's share of the global selection is a prefix of its own magnitude order,
+    # and so is its floor: the union is the longer prefix.
+    out = []
+    for f, idx in zip(flats, chosen, strict=True):
+        need = energy_count([f], config.floor, generator)
+        out.append(idx if idx.numel() >= need else select_count([f], need)[0])
+    return out
 
 
 __all__ = ["energy_count", "select_energy"]

@@ -169,8 +169,10 @@ def _parse_energy(a: _Args) -> TopKConfig:
     value = (_float(a.stage, "percentage", text[:-1]) / 100.0 if text.endswith("%")
              else _float(a.stage, "fraction", text))
     scope = _enum(a.stage, "scope", Scope, a.key("scope"), Scope.TENSOR)
-    a.done(("scope",))
-    return TopKConfig(energy=value, scope=scope)
+    floor_text = a.key("floor")
+    floor = 0.0 if floor_text is None else _float(a.stage, "floor", floor_text)
+    a.done(("scope", "floor"))
+    return TopKConfig(energy=value, scope=scope, floor=floor)
 
 
 def _parse_lowrank(a: _Args) -> LowRankConfig:

@@ -47,7 +47,8 @@ class TopKConfig:
     many as fit a byte budget (``budget`` bytes, or the update's float32 size over
     ``ratio``; a budget always selects globally, by magnitude across tensors), or the
     fewest that hold ``energy`` -- a fraction of the update's squared L2 norm -- per tensor
-    (``scope=tensor``) or over the whole update (``scope=global``)."""
+    (``scope=tensor``) or over the whole update (``scope=global``), where ``floor`` > 0 also
+    keeps at least that fraction of every tensor's own energy."""
 
     fraction: float | None = None
     count: int | None = None
@@ -57,6 +58,7 @@ class TopKConfig:
     budget: int | None = None
     ratio: float | None = None
     energy: float | None = None
+    floor: float = 0.0
 
     def __post_init__(self) -> None:
         given = [x is not None for x in (self.fraction, self.count, self.budget, self.ratio,
@@ -70,6 +72,14 @@ class TopKConfig:
                 raise SpecError(f"energy must be a fraction in (0, 1], got {self.energy!r}")
             if self.mode is not SelectMode.EXACT:
                 raise SpecError("energy selects exactly (no mode=sampled)")
+            if not 0.0 <= self.floor <= self.energy:
+                raise SpecError(f"energy floor must be in [0, {self.energy}] (the energy), "
+                                f"got {self.floor!r}")
+            if self.floor and self.scope is not Scope.GLOBAL:
+                raise SpecError("an energy floor goes with scope=global (per tensor, the "
+                                "energy itself is every tensor's floor)")
+        elif self.floor:
+            raise SpecError("floor is an option of energy: selections")
         if self.is_budget:
             if self.budget is not None and not (64 <= self.budget <= 1 << 40):
                 raise SpecError(f"budget must be 64 B .. 1 TB, got {self.budget!r} bytes")
@@ -131,7 +141,8 @@ class TopKConfig:
             return f"budget:x{_fmt_ratio(self.ratio)}"
         if self.energy is not None:
             return f"energy:{_fmt_float(self.energy)}" + (
-                ",scope=global" if self.scope is Scope.GLOBAL else "")
+                ",scope=global" if self.scope is Scope.GLOBAL else "") + (
+                f",floor={_fmt_float(self.floor)}" if self.floor else "")
         amount = (f"k={self.count}" if self.count is not None
                   else _fmt_float(self.fraction or 0.0))
         parts = [amount]

@@ -57,10 +57,12 @@ def _metrics_fns() -> dict[str, Any]:
 
 @register_strategy("fedslim")
 def _fedslim(cfg: RunConfig) -> Strategy:
+    from fedslim.config import ServerOpt
     from fedslim.strategies.fedavg import FedslimFedAvg
 
+    adam = cfg.comp.server_opt is ServerOpt.ADAM
     return FedslimFedAvg(seed=cfg.fed.seed, server_opt=cfg.comp.server_opt,
-                         server_lr=cfg.comp.server_lr,
+                         server_lr=cfg.comp.server_lr_for(adam),
                          server_momentum=cfg.comp.server_momentum, **common_kwargs(cfg))
 
 
@@ -75,7 +77,8 @@ def _fedavg(cfg: RunConfig) -> Strategy:
 def _fedavgm(cfg: RunConfig) -> Strategy:
     from flwr.serverapp.strategy import FedAvgM
 
-    return FedAvgM(**common_kwargs(cfg), **_metrics_fns(), server_learning_rate=cfg.comp.server_lr,
+    return FedAvgM(**common_kwargs(cfg), **_metrics_fns(),
+                   server_learning_rate=cfg.comp.server_lr_for(adam=False),
                    server_momentum=cfg.comp.server_momentum)
 
 
@@ -83,7 +86,7 @@ def _fedavgm(cfg: RunConfig) -> Strategy:
 def _fedadam(cfg: RunConfig) -> Strategy:
     from flwr.serverapp.strategy import FedAdam
 
-    return FedAdam(**common_kwargs(cfg), **_metrics_fns(), eta=cfg.comp.server_lr,
+    return FedAdam(**common_kwargs(cfg), **_metrics_fns(), eta=cfg.comp.server_lr_for(adam=True),
                    beta_1=cfg.comp.server_momentum)
 
 

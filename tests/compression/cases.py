@@ -9,7 +9,7 @@ import torch
 from hypothesis import strategies as st
 
 from fedslim.compression import PipelineSpec, QuantizeConfig, ScaleStat, parse_spec
-from fedslim.compression.fidelity import energy_count
+from fedslim.compression.fidelity import energy_count, select_energy
 
 # Every stage alone (with pass:0 so even tiny tensors go through it) and realistic pipelines.
 STAGE_SPECS = [
@@ -52,6 +52,7 @@ PIPELINE_SPECS = [
     "topk:0.05|q:2,round=stochastic|golomb|ans|zstd",
     "energy:0.5|q:4|ans|pass:0",
     "energy:0.9,scope=global|q:8|ans",
+    "energy:0.5,scope=global,floor=0.25|q:2|ans|pass:0",
 ]
 ALL_SPECS = STAGE_SPECS + PIPELINE_SPECS
 
@@ -132,6 +133,11 @@ def kept_reference(spec: PipelineSpec, update: dict[str, torch.Tensor]) -> dict[
             return topk.k_for(sum(v.size for v in values))
         return energy_count([torch.from_numpy(v.astype(np.float32)) for v in values],
                             topk.energy)
+
+    if topk.energy is not None and topk.floor:  # global, then each tensor's own floor
+        out.update({n: np.asarray(i.numpy()) for n, i in zip(pool, select_energy(
+            [torch.from_numpy(flats[n].astype(np.float32)) for n in pool], topk), strict=True)})
+        return out
 
     if topk.scope.value == "global":
         joined = np.concatenate([flats[n] for n in pool]) if pool else np.zeros(0)

@@ -101,7 +101,9 @@ def test_round_trip_keeps_the_energy_and_sends_nothing_for_a_zero_tensor() -> No
 @pytest.mark.parametrize(("text", "canonical"), [
     ("energy:0.6", "energy:0.6"), ("energy:60%", "energy:0.6"),
     ("energy:0.25,scope=global|q:4|ans|pass:0", "energy:0.25,scope=global|q:4|ans|pass:0"),
-    ("energy:1|fp16", "energy:1.0|fp16")])
+    ("energy:1|fp16", "energy:1.0|fp16"),
+    ("energy:0.5,floor=0.25,scope=global|q:2|ans|pass:0",
+     "energy:0.5,scope=global,floor=0.25|q:2|ans|pass:0")])
 def test_spec_forms_are_canonical(text: str, canonical: str) -> None:
     spec = parse_spec(text)
     assert str(spec) == canonical and parse_spec(canonical) == spec
@@ -112,5 +114,31 @@ def test_spec_forms_are_canonical(text: str, canonical: str) -> None:
                                  "energy:0.5,mode=sampled", "energy:0.5|topk:0.1",
                                  "energy:0.5,k=3", "energy:x"])
 def test_bad_energy_specs_are_one_spec_error(bad: str) -> None:
+    with pytest.raises(SpecError, match="invalid compression spec"):
+        parse_spec(bad)
+
+
+def test_a_floor_keeps_every_tensor_moving_under_a_global_selection() -> None:
+    g = torch.Generator().manual_seed(5)
+    big = torch.randn(20_000, generator=g) * 50.0
+    small = torch.randn(300, generator=g)
+    flats = [big, small]
+    plain = parse_spec("energy:0.5,scope=global|pass:0").topk
+    floored = parse_spec("energy:0.5,scope=global,floor=0.3|pass:0").topk
+    assert plain is not None and floored is not None
+    without, with_floor = select_energy(flats, plain), select_energy(flats, floored)
+    assert without[1].numel() == 0                    # starved without the floor
+    assert torch.equal(with_floor[0], without[0])     # the big tensor's share is unchanged
+    kept = float((small[with_floor[1]] ** 2).sum())
+    assert kept >= 0.3 * float((small ** 2).sum()) * (1 - 1e-6)
+    # the floor adds the fewest values: one less would be under it
+    ordered = torch.sort(small.abs(), descending=True).values
+    assert float((ordered[:with_floor[1].numel() - 1] ** 2).sum()) < 0.3 * float(
+        (small ** 2).sum())
+
+
+@pytest.mark.parametrize("bad", ["energy:0.5,floor=0.2", "energy:0.3,scope=global,floor=0.5",
+                                 "topk:0.1,floor=0.1", "energy:0.5,scope=global,floor=-1"])
+def test_floor_needs_a_global_energy_above_it(bad: str) -> None:
     with pytest.raises(SpecError, match="invalid compression spec"):
         parse_spec(bad)

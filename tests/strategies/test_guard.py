@@ -50,7 +50,7 @@ def _final(kind: str | None, guarded: bool, rounds: int = 4) -> tuple[dict, list
     inner = FedAvg(fraction_evaluate=0.0)
     strategy = Compressed(Guarded(inner) if guarded else
                           Guarded(inner, clip_ratio=0.0, weight_ratio=0.0, reject_ratio=0.0),
-                          uplink="topk:0.5|q:8")
+                          uplink="topk:0.5|q:8", downlink="none")
     res = strategy.start(grid, initial_arrays(), num_rounds=rounds,
                          train_config=ConfigRecord({"lr": 0.1}))
     strategy.collector.close()

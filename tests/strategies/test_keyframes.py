@@ -180,7 +180,7 @@ def test_no_keyframe_once_the_model_differs_from_round0_in_kind():
 
 def test_keyframes_need_a_compressing_downlink_and_shared_init():
     with pytest.raises(ConfigError, match="keyframe-every=4 needs a compressing downlink"):
-        parse_run_config({"keyframe-every": 4})  # uplink none: downlink auto is none
+        parse_run_config({"keyframe-every": 4, "uplink": "none"})  # so downlink auto is none
     with pytest.raises(ConfigError, match="shared-init=false"):
         parse_run_config({"keyframe-every": 4, "uplink": "topk:0.01|q:4",
                           "shared-init": False})

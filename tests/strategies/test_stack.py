@@ -58,7 +58,7 @@ def test_plain_wrapper_is_stock_flower_bit_for_bit():
     bare = _run(FedAvg(), LoopbackGrid(make_quickstart_app(), 4), rounds=3)
     random.seed(3)
     grid = LoopbackGrid(make_quickstart_app([compression_mod]), 4)
-    wrapped = Compressed(FedAvg())
+    wrapped = Compressed(FedAvg(), uplink="none", downlink="none")
     res = _run(wrapped, grid, rounds=3)
     assert _states_equal(bare.arrays, res.arrays)
     assert all(UP not in m.content for m in grid.received)
@@ -226,7 +226,7 @@ def test_plain_mode_still_validates_names_shapes_and_values():
         return reply
 
     grid = LoopbackGrid(make_quickstart_app([nan_weights, compression_mod]), 3)
-    strategy = Compressed(FedAvg(fraction_evaluate=0.0))
+    strategy = Compressed(FedAvg(fraction_evaluate=0.0), uplink="none")
     res = _run(strategy, grid, rounds=1)
     rejects = strategy.collector.current.rejects
     assert len(rejects) == 1 and "NaN" in rejects[0].reason
