@@ -8,6 +8,9 @@ clients / val / proxy are carved from the pool). Built in:
 * ``digits`` -- scikit-learn's 8x8 digits, shipped with the package;
 * ``synthetic`` -- class-conditional Gaussian 8x8 images, any size;
 * ``synthetic32`` -- CIFAR-shaped (3x32x32) class-conditional Gaussian images (not CIFAR);
+* ``digits32`` -- the digits upsampled to 3x32x32 (for CIFAR-shaped conv nets);
+* ``motifs`` -- a generated 1-D sequence task (N, 1, 96): the order of two shapes is the
+  class (:mod:`fedslim.task.generated`);
 * ``mnist`` -- the four IDX files in ``data-dir`` (train and test pooled);
 * ``cifar10`` -- the *binary* batches in ``data-dir`` (pooled);
 * ``npz`` -- ``data-dir/train.npz`` (arrays ``x``, ``y``) and optionally ``test.npz``:
@@ -37,6 +40,7 @@ from fedslim.config import DataConfig
 from fedslim.errors import DataError
 from fedslim.registry import Registry
 from fedslim.task.arrays import ArrayData
+from fedslim.task.generated import make_motifs, upsample_digits
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,18 @@ def _synthetic32(cfg: DataConfig, seed: int) -> Loaded:
     data = make_synthetic(cfg.synthetic_samples, image_size=32, seed=seed, channels=3,
                           noise=3.0)
     return Loaded(ArrayData(data.x / np.float32(np.sqrt(10.0)), data.y))
+
+
+@register_dataset("digits32")
+def _digits32(cfg: DataConfig, seed: int) -> Loaded:
+    """The 1,797 digits as 3x32x32 images in [-1, 1] (Flower's quickstart shape)."""
+    return Loaded(upsample_digits(load_digits_pool()))
+
+
+@register_dataset("motifs")
+def _motifs(cfg: DataConfig, seed: int) -> Loaded:
+    """``synthetic-samples`` sequences of the motif-order task (10 classes)."""
+    return Loaded(make_motifs(cfg.synthetic_samples, seed=seed))
 
 
 @register_dataset("mnist", needs_data_dir=True)

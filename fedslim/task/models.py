@@ -152,6 +152,63 @@ def resnet8_student(input_shape: InputShape, num_classes: int) -> nn.Module:
     return ConvNet(_channels(input_shape), num_classes, c1=8, c2=16, hidden=32)
 
 
+class QuickstartNet(nn.Module):
+    """Flower's PyTorch quickstart ``Net`` (LeNet-5 style, 62,006 parameters for 3x32x32
+    and 10 classes), layer for layer: conv 5x5 (6), pool, conv 5x5 (16), pool, 120, 84."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@register_model("quickstart_cnn")
+def quickstart_cnn(input_shape: InputShape, num_classes: int) -> nn.Module:
+    """Flower's quickstart-pytorch ``Net`` for 32x32 images (e.g. ``dataset=digits32``)."""
+    channels = _channels(input_shape)
+    if tuple(input_shape[1:]) != (32, 32):
+        raise RegistryError(f"quickstart_cnn needs 32x32 images, got examples of shape "
+                            f"{tuple(input_shape)}; use dataset=digits32 or synthetic32")
+    return QuickstartNet(channels, num_classes)
+
+
+class SeqCNN(nn.Module):
+    """Three 1-D conv blocks (each halves the length), then a two-layer head on the
+    flattened features, which keeps WHERE along the sequence a feature was found."""
+
+    def __init__(self, in_channels: int, length: int, num_classes: int, hidden: int = 64
+                 ) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(in_channels, 16, 7, padding=3), nn.ReLU(inplace=True), nn.MaxPool1d(2),
+            nn.Conv1d(16, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool1d(2),
+            nn.Conv1d(32, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool1d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * (length // 8), hidden),
+                                  nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register_model("seq_cnn")
+def seq_cnn(input_shape: InputShape, num_classes: int) -> nn.Module:
+    """~33k parameters for (C, T) sequences with T >= 8 (e.g. ``dataset=motifs``)."""
+    if len(input_shape) != 2 or int(input_shape[1]) < 8:
+        raise RegistryError(f"seq_cnn needs sequences of shape (C, T) with T >= 8, got "
+                            f"examples of shape {tuple(input_shape)}")
+    return SeqCNN(int(input_shape[0]), int(input_shape[1]), num_classes)
+
+
 class MLP(nn.Module):
     """Flatten, then ``hidden`` ReLU layers: for feature vectors (or any shape)."""
 
