@@ -10,8 +10,9 @@ is turned back into what a stock app expects: the global model under the app's a
 (rebuilt from the copy this node holds plus a decoded delta, when the server sent one).
 On the way out, the app's weights become an encoded update: ``local - received global``
 plus this node's error-feedback residual, through the pipeline the server asked for. The
-residual and the held global model live in ``context.state``. Messages without fedslim's
-header (a stock server) pass through untouched.
+held global model (:mod:`fedslim.client.held`) and the residual
+(:mod:`fedslim.client.residual`) live in ``context.state`` or, spilled, in files. Messages
+without fedslim's header (a stock server) pass through untouched.
 
 Mod order: Flower runs mods first to last around the app; mods listed *before*
 ``compression_mod`` see the encoded reply, mods after it see plain weights.
@@ -20,7 +21,6 @@ Mod order: Flower runs mods first to last around the app; mods listed *before*
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,23 +28,20 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from fedslim.compression import (
-    ErrorFeedback,
-    PipelineSpec,
-    buffers,
-    decode_update,
-    encode_update,
-    parse_spec,
+from fedslim.client.held import (
+    SCRATCH_SPARSE,
+    SCRATCH_UPDATE,
+    InitialState,
+    node_key,
+    receive_global,
 )
+from fedslim.client.residual import StateDir, ef_files, load_residual, persist_residual
+from fedslim.compression import PipelineSpec, buffers, encode_update, parse_spec
 from fedslim.errors import DecodeError, EncodeError
 from fedslim.flower_io import (
     COMPACT_MAX,
-    apply_delta,
     array_tensor,
-    chain_from_record,
     content_bytes,
     fold_reply,
     payload_record,
@@ -55,265 +52,23 @@ from fedslim.flower_io import (
 from fedslim.protocol import (
     DELTA,
     DOWN,
-    INIT_FAILED,
-    KEY_BASE,
-    PARTITION_ID,
     PAYLOAD,
     STATE_EF,
     STATE_EF_META,
-    STATE_GLOBAL,
     STATE_LOWRANK,
-    STATE_META,
     UP,
     DownlinkHeader,
     UplinkHeader,
 )
-from fedslim.server.storage import overwrite_model
 from fedslim.strategies.aggregate import State, float_keys
 from fedslim.task.train import make_generator
 
 log = logging.getLogger("flwr").getChild("fedslim")
 
-MAX_CHAIN = 256  # catch-up steps a node accepts in one message (the server keeps <= 32)
-# Roles of the model-sized buffers a node reuses from round to round (buffers.scratch):
-# the global model this message brings (alive until the reply is encoded), a sparse
-# tensor made dense (the downlink delta, then the uplink's reconstruction), the update.
-SCRATCH_GLOBAL, SCRATCH_SPARSE, SCRATCH_UPDATE = "node-global", "node-sparse", "node-update"
-
-
-def _global_file(spill: Path, context: Context, slot: int) -> Path:
-    """One of the node's two slots for its held copy: each write goes to the slot the
-    context does not point at, so the current copy (possibly still mapped) is never
-    overwritten and a torn write leaves a token mismatch, never a wrong model."""
-    return spill / f"global-{_node_key(context)}.{slot}.safetensors"
-
-
-def _held(context: Context, stream: int, spill: Path | None = None
-          ) -> tuple[int, State] | None:
-    """The global version this node holds and its weights (from ``context.state`` or, when
-    it was spilled, from the file whose token the context remembers)."""
-    meta = context.state.config_records.get(STATE_META)
-    if meta is None or meta.get("stream") != stream:
-        return None
-    version, token, slot = meta.get("version"), meta.get("file-token"), meta.get("slot", 0)
-    if not isinstance(version, int) or slot not in (0, 1):
-        return None
-    if token is None:
-        if STATE_GLOBAL not in context.state:
-            return None
-        return version, to_state(context.state.array_records[STATE_GLOBAL])
-    if spill is None:
-        return None
-    path = _global_file(spill, context, 1 if slot == 1 else 0)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            if (fh.metadata() or {}).get("token") != str(token):
-                return None
-        return version, load_file(str(path))
-    except Exception as exc:  # a lost copy: the server's message will say what is missing
-        log.warning("cannot read the held global model %s: %s", path, exc)
-        return None
-
-
-def _keep_global(context: Context, head: DownlinkHeader, state: State,
-                 spill: Path | None) -> None:
-    meta: dict[str, int] = {"stream": head.stream, "version": head.version}
-    spilled = False
-    if spill is not None:
-        old = context.state.config_records.get(STATE_META)
-        slot = 0 if old is None or old.get("slot") != 0 else 1  # the one not pointed at
-        try:
-            token = secrets.randbits(62)
-            # In place (the slot's cached pages are reused), never into the current slot;
-            # lost on a power cut or torn: the token no longer matches, the server resends.
-            overwrite_model(_global_file(spill, context, slot), state, {"token": str(token)})
-            meta["file-token"], meta["slot"], spilled = token, slot, True
-        except OSError as exc:  # no room on disk: keep it in memory instead
-            log.warning("cannot spill the global model to %s: %s", spill, exc)
-    if spilled:
-        if STATE_GLOBAL in context.state:
-            del context.state[STATE_GLOBAL]
-    else:
-        context.state[STATE_GLOBAL] = state_record(state)
-    context.state[STATE_META] = ConfigRecord(meta)  # type: ignore[arg-type]
-
-
-InitialState = Callable[[Context], State]
-
-
-def _base_state(context: Context, head: DownlinkHeader,
-                initial_state: InitialState | None, spill: Path | None) -> State:
-    """The version the message builds on: held, or (``init_crc``) built here."""
-    if head.init_crc:
-        if initial_state is None:
-            raise DecodeError(f"downlink: {INIT_FAILED}: the server asks this node to build "
-                              "it, but compression_mod has no initial_state")
-        state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
-                 for k, v in initial_state(context).items()}
-        if state_crc(state) != head.init_crc:
-            raise DecodeError(f"downlink: {INIT_FAILED}: the one built here differs from the "
-                              "server's (CRC mismatch): different model, seed or device")
-        return state
-    held = _held(context, head.stream, spill)
-    if held is None or held[0] != head.base:
-        raise DecodeError(f"downlink: message builds on global version {head.base} but "
-                          f"this node holds {None if held is None else held[0]}; the "
-                          "server must send the full model")
-    return held[1]
-
-
-def receive_global(msg: Message, context: Context, head: DownlinkHeader,
-                   initial_state: InitialState | None = None,
-                   spill: Path | None = None) -> State:
-    """The global model this message brings the node to (remembered if ``head.keep``).
-
-    Raises
-    ------
-    DecodeError
-        If the message needs a version this node does not hold (or cannot build), or its
-        delta is malformed.
-    """
-    content = msg.content
-    if head.base == -1:  # the full model
-        if head.arrays_key not in content.array_records:
-            raise DecodeError(f"downlink: no {head.arrays_key!r} record and no base version")
-        state = to_state(content.array_records[head.arrays_key])
-    else:
-        state = _base_state(context, head, initial_state, spill)
-        key = head.base == KEY_BASE
-        if key and DELTA not in content.array_records:
-            raise DecodeError(f"downlink: a keyframe for version {head.version} without a "
-                              f"{DELTA!r} record")
-        # a keyframe chain: the keyframe, then one step per version since it
-        steps = len(content.array_records[DELTA]) if key else head.version - head.base
-        if not (1 if key else 0) <= steps <= min(MAX_CHAIN, head.version):
-            raise DecodeError(f"downlink: a catch-up of {steps} steps to version "
-                              f"{head.version} (allowed: {1 if key else 0} to "
-                              f"{min(MAX_CHAIN, head.version)})")
-        if steps:
-            if DELTA not in content.array_records:
-                raise DecodeError(f"downlink: version {head.base} -> {head.version} without "
-                                  f"a {DELTA!r} record")
-            keys = float_keys(state)
-            limit = max(sum(state[k].numel() for k in keys), 1)
-            schema = {k: tuple(state[k].shape) for k in keys}
-            # This process's reused buffers: the delta densified into one set, the new
-            # global added into another (in place from the second step of a chain on).
-            floats = {k: state[k] for k in keys}
-            sparse, into = buffers.scratch(SCRATCH_SPARSE, floats), \
-                buffers.scratch(SCRATCH_GLOBAL, floats)
-            for payload in chain_from_record(content.array_records[DELTA], steps, "downlink"):
-                delta = decode_update(payload, max_elements=limit, schema=schema,
-                                      out=sparse).tensors
-                for k, v in delta.items():
-                    if k not in state or v.shape != state[k].shape:
-                        raise DecodeError(f"downlink: delta tensor {k!r} does not fit the "
-                                          "held model")
-                state = apply_delta(state, delta, into)  # step by step, as the server did
-    if head.keep and not (head.base >= 0 and not head.init_crc and head.version == head.base):
-        _keep_global(context, head, state, spill)  # (the held copy is this version already)
-    return state
-
 
 def _one_dtype(tensors: State) -> bool:
     """Whether a schema-bound payload can carry these (it has one source dtype)."""
     return len({t.dtype for t in tensors.values()}) <= 1
-
-
-def _node_key(context: Context) -> int:
-    pid = context.node_config.get(PARTITION_ID)
-    return pid if isinstance(pid, int) and not isinstance(pid, bool) else int(context.node_id)
-
-
-StateDir = Callable[[Context], Path | None]
-
-
-def _ef_files(state_dir: StateDir | None, context: Context, head: DownlinkHeader
-              ) -> tuple[Path, Path] | None:
-    """The node's two residual slots (see :func:`_error_feedback`)."""
-    if state_dir is None or not head.lineage:
-        return None
-    directory = state_dir(context)
-    if directory is None:
-        return None
-    key = _node_key(context)
-    return directory / f"ef-{key}.0.safetensors", directory / f"ef-{key}.1.safetensors"
-
-
-_ROUND_WIDTH = 20  # a residual file's round, padded: the final header has the length of
-# the placeholder (-1, "being written") it replaces once the data is in
-
-
-def _file_round(path: Path, lineage: int) -> int | None:
-    """The round a residual file was written after, if it belongs to ``lineage``."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            info = fh.metadata() or {}
-        written = int(info["round"]) if info.get("lineage") == str(lineage) else None
-        return None if written is None or written < 0 else written
-    except Exception as exc:  # a damaged file is a lost residual, not a failed round
-        log.warning("ignoring error-feedback file %s: %s", path, exc)
-        return None
-
-
-def _error_feedback(context: Context, head: DownlinkHeader,
-                    slots: tuple[Path, Path] | None) -> tuple[ErrorFeedback, Path | None]:
-    """This node's residual: from ``context.state`` (same server stream), else from its
-    file (same run lineage, the newest written before this round: the server resumed),
-    else zero; and the slot it was read from.
-
-    Two slots are kept: the newest residual and the one before. A node can finish round r
-    (and write its residual) while the server dies before recording round r; the resumed
-    server repeats round r, which must start from the residual written after round r - 1.
-    The new residual is written into the slot *not* read (whose tensors are still mapped).
-    """
-    meta = context.state.config_records.get(STATE_EF_META)
-    rec = context.state.array_records.get(STATE_EF)
-    if rec is not None and meta is not None and meta.get("stream") == head.stream:
-        last = meta.get("round")
-        if _fresh(head, last if isinstance(last, int) else None):
-            return ErrorFeedback.from_state(to_state(rec)), None
-        return ErrorFeedback(), None
-    if slots is not None:
-        found = [(r, f) for f in slots if f.is_file()
-                 and (r := _file_round(f, head.lineage)) is not None and r < head.server_round]
-        if found and _fresh(head, max(found)[0]):
-            newest = max(found)[1]
-            try:
-                return ErrorFeedback.from_state(load_file(str(newest)), copy=False), newest
-            except Exception as exc:
-                log.warning("ignoring error-feedback file %s: %s", newest, exc)
-    return ErrorFeedback(), None  # a new run (old residuals do not apply), or stale
-
-
-def _fresh(head: DownlinkHeader, last_round: int | None) -> bool:
-    """Whether a residual written after ``last_round`` may still be used this round."""
-    if not head.ef_reset_after or last_round is None:
-        return True
-    return head.server_round - last_round <= head.ef_reset_after
-
-
-def _persist(ef: ErrorFeedback, slots: tuple[Path, Path] | None, loaded: Path | None,
-             head: DownlinkHeader) -> None:
-    """Write the residual into the slot it was not read from (or the older one), in place
-    (the slot's cached pages are reused): the round goes in last, so a process killed
-    mid-write leaves a file marked "being written" that no round will read. Lost on a
-    power cut (no fsync): the residual restarts at zero."""
-    if slots is None:
-        return
-    if loaded is None:  # nothing read this round: overwrite the older (or a missing) slot
-        rounds = [(_file_round(f, head.lineage) if f.is_file() else None) for f in slots]
-        older = [-1 if r is None else r for r in rounds]
-        target = slots[0] if older[0] <= older[1] else slots[1]
-    else:
-        target = slots[1] if loaded == slots[0] else slots[0]
-    lineage = str(head.lineage)
-    try:
-        overwrite_model(target, ef.residuals(),
-                        {"lineage": lineage, "round": f"{-1:>{_ROUND_WIDTH}}"},
-                        {"lineage": lineage, "round": f"{head.server_round:>{_ROUND_WIDTH}}"})
-    except OSError as exc:  # no place to keep it: resuming will start it from zero
-        log.warning("cannot persist the error-feedback residual to %s: %s", target, exc)
 
 
 def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: State,
@@ -354,12 +109,12 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
         floats = {k: start[k] for k in keys}
         update = {k: torch.sub(local[k].float(), start[k], out=v) for k, v in
                   buffers.scratch(SCRATCH_UPDATE, floats).items()}
-        slots = _ef_files(state_dir, context, head)
-        ef, loaded = _error_feedback(context, head, slots) if head.error_feedback \
+        slots = ef_files(state_dir, context, head)
+        ef, loaded = load_residual(context, head, slots) if head.error_feedback \
             else (None, None)
         if ef is not None:
             update = ef.apply(update, in_place=True)
-        gen = make_generator(head.seed, _node_key(context), head.server_round, 7)
+        gen = make_generator(head.seed, node_key(context), head.server_round, 7)
         room = _payload_room(reply, key, spec, start, keys, len(
             _header(head, start, encode_seconds=0.0, crc=0).pack()))
         warm = context.state.array_records.get(STATE_LOWRANK)
@@ -382,7 +137,7 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
                 context.state[STATE_EF] = ArrayRecord(ef.state_dict())
                 context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream,
                                                              "round": head.server_round})
-            _persist(ef, slots, loaded, head)
+            persist_residual(ef, slots, loaded, head)
     header = _header(head, start, encode_seconds=time.perf_counter() - t0,
                      decode_seconds=decode_seconds)
     if spec.is_identity:  # plain weights: the header rides in its own small record

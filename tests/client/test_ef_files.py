@@ -12,7 +12,8 @@ import dataclasses
 import torch
 from flwr.app import Context, RecordDict
 
-from fedslim.client.mod import _error_feedback, _persist
+from fedslim.client.residual import load_residual as _error_feedback
+from fedslim.client.residual import persist_residual as _persist
 from fedslim.compression import ErrorFeedback
 from fedslim.protocol import DownlinkHeader
 from fedslim.server.storage import overwrite_model

@@ -40,7 +40,7 @@ def test_a_node_that_already_holds_the_version_does_not_rewrite_its_copy(tmp_pat
                                                                           monkeypatch):
     """With evaluation on, each evaluate message brings the new global and the next train
     message says "you hold it": that message must not write the 4-tensor copy again."""
-    import fedslim.client.mod as mod_module
+    import fedslim.client.held as mod_module
 
     writes: list[str] = []
     real = mod_module.overwrite_model

@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedslim.client import make_compression_mod
-from fedslim.client.mod import receive_global
+from fedslim.client.held import receive_global
 from fedslim.compression import decode_update, parse_spec
 from fedslim.config import parse_run_config
 from fedslim.errors import ConfigError, DecodeError
