@@ -33,6 +33,7 @@ from fedslim.preflight import (
     check_data_dir,
     check_federation_size,
     check_output_dir,
+    envelope_notice,
 )
 from fedslim.protocol import RESULTS_FILE
 from fedslim.report import ResultsError, load_results
@@ -64,7 +65,8 @@ def prepare_simulation(overrides: dict[str, Any], num_clients: int
     check_data_dir(cfg)
     check_budget(cfg)
     outdir, notice = check_output_dir(cfg)
-    return cfg, outdir, notice
+    notes = [n for n in (notice, envelope_notice(cfg)) if n]
+    return cfg, outdir, "\n".join(notes) or None
 
 
 def run_simulation_with(overrides: dict[str, Any], num_clients: int,
@@ -285,10 +287,15 @@ _TUNED_KEYS = ("uplink", "server-opt", "server-momentum", "seed")
 
 @cli.command()
 def tune(
-    trials: Annotated[int, typer.Option(help="Federations to run in the search.")] = 20,
+    trials: Annotated[int, typer.Option(help="Settings to try in the search.")] = 20,
     num_clients: Annotated[int, typer.Option(help="Simulated SuperNodes per run.")] = 10,
     rounds: Annotated[int, typer.Option(help="num-server-rounds of each run")] = 20,
-    seed: Annotated[int, typer.Option(help="seed of every run and of the sampler")] = 42,
+    seed: Annotated[int, typer.Option(
+        help="the sampler's seed and the first scoring seed (the others follow it)")] = 42,
+    score_seeds: Annotated[int, typer.Option(
+        help="federations (seeds seed, seed+1, ...) behind each trial's val score")] = 2,
+    confirm_seeds: Annotated[int, typer.Option(
+        help="fresh seeds (seed+1000, ...) the chosen setting is re-run on")] = 3,
     min_ratio: Annotated[float, typer.Option(
         help="choose among settings with at least this uplink reduction")] = 50.0,
     output_dir: Annotated[str, typer.Option(help="where tune.json, trials.csv, pareto.png go")
@@ -297,9 +304,9 @@ def tune(
         "--run-config", "-c", help="key=value for every run: model, dataset, partitioning...")
     ] = None,
 ) -> None:
-    """Search the uplink compression and server momentum on the validation split (optuna):
-    prints the Pareto front (uplink reduction vs val accuracy), then the chosen setting's
-    test figures next to an uncompressed run."""
+    """Search the uplink compression and server momentum on the validation split (optuna),
+    each trial scored over several seeds: prints the Pareto front (uplink reduction vs val
+    accuracy), then the chosen setting re-run on fresh seeds next to an uncompressed run."""
     import_path_for_workers()
     try:
         extra = list(run_config or [])
@@ -309,45 +316,52 @@ def tune(
             raise ConfigError(f"-c {clash[0]}=... is what tune searches (or --seed sets); "
                               f"leave out {', '.join(clash)}")
         for flag, value, low in (("--trials", trials, 1), ("--rounds", rounds, 1),
-                                 ("--min-ratio", min_ratio, 1)):
+                                 ("--min-ratio", min_ratio, 1), ("--score-seeds", score_seeds, 1),
+                                 ("--confirm-seeds", confirm_seeds, 0)):
             if value < low:
                 raise ConfigError(f"{flag} must be >= {low}, got {value}")
         cfg, _, _ = prepare_simulation({**overrides, "output-dir": output_dir,
                                         "num-server-rounds": rounds}, num_clients)
+        from fedslim import tune as search
+        from fedslim.task.data import load_splits
+        from fedslim.task.models import build_model, count_params
+
+        splits = load_splits(cfg.data, cfg.fed.seed)
+        model_bytes = 4 * count_params(build_model(cfg.train.model, splits.input_shape,
+                                                   splits.num_classes))
+        top = search.check_reachable(min_ratio, model_bytes, cfg.train.model)
     except FedslimError as exc:
         _error(str(exc), 2)
     try:
         import optuna  # noqa: F401
     except ImportError:
         _error("fedslim tune needs optuna: pip install 'fedslim[tune]' (or -e \".[dev]\")", 2)
-    from fedslim import tune as search
-    from fedslim.task.data import load_splits
-    from fedslim.task.models import build_model, count_params
+    seeds = [seed + i for i in range(score_seeds)]
+    fresh = [seed + search.CONFIRM_OFFSET + i for i in range(confirm_seeds)]
+    typer.echo(f"tune: {trials} trials x seeds {seeds} of budget:x{search.MIN_RATIO:g}.."
+               f"x{top:,.0f} (model {model_bytes / 1e6:.3f} MB), q:2/4/8, ans, pass:0 or not, "
+               f"server momentum 0..{search.MOMENTUM_RANGE[1]}; scored on validation")
 
-    splits = load_splits(cfg.data, cfg.fed.seed)
-    model_bytes = 4 * count_params(build_model(cfg.train.model, splits.input_shape,
-                                               splits.num_classes))
-    top = search.max_ratio(model_bytes)
-    typer.echo(f"tune: {trials} trials of budget:x{search.MIN_RATIO:g}..x{top:,.0f} "
-               f"(model {model_bytes / 1e6:.3f} MB), q:2/4/8, ans, pass:0 or not, server "
-               f"momentum 0..{search.MOMENTUM_RANGE[1]}; scored on validation")
     def line(result: search.TrialResult | None, failure: str | None) -> None:
         if result is None:
             typer.echo(failure)
             return
         typer.echo(f"trial {result.number:>3}: {result.uplink:<28} momentum "
                    f"{result.server_momentum:.2f} -> uplink x{result.uplink_ratio:,.1f}, "
-                   f"val {result.val_accuracy:.4f}")
+                   f"val {result.val_accuracy:.4f} (per seed "
+                   f"{', '.join(f'{v:.4f}' for v in result.val_per_seed)})")
 
-    results = search.run_search(trials, num_clients, rounds, seed, extra, top, line)
+    run = search.subprocess_runner(num_clients, rounds, extra)
+    results = search.run_search(trials, seeds, seed, top, run, line)
     front, chosen = search.conclude(results, min_ratio)
-    base = search.baseline(num_clients, rounds, seed, extra)
-    for text in search.summary_lines(front, chosen, base, min_ratio):
+    confirmation = (search.confirm(chosen, fresh, run) if chosen is not None and fresh
+                    else None)
+    for text in search.summary_lines(front, chosen, confirmation, min_ratio):
         typer.echo(text)
     meta = {"n_trials": trials, "num_clients": num_clients, "rounds": rounds, "seed": seed,
-            "min_ratio": min_ratio, "run_config": extra, "max_budget_ratio": top,
-            "model_bytes": model_bytes}
-    written = search.save(Path(output_dir), results, base, chosen, meta)
+            "score_seeds": seeds, "confirm_seeds": fresh, "min_ratio": min_ratio,
+            "run_config": extra, "max_budget_ratio": top, "model_bytes": model_bytes}
+    written = search.save(Path(output_dir), results, confirmation, chosen, meta)
     typer.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 

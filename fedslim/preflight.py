@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
+from fedslim.compression import encode_update
 from fedslim.compression.spec import PipelineSpec
 from fedslim.config import RunConfig
 from fedslim.errors import ConfigError
@@ -67,17 +70,28 @@ MIN_REPLY_BYTES = 600
 and at least 64 bytes of update. (The client mod checks the exact figure per reply.)"""
 
 
+ENVELOPE_BYTES = MIN_REPLY_BYTES - 64
+"""What a compressed reply carries besides its update (see MIN_REPLY_BYTES)."""
+ENVELOPE_SHARE = 0.5
+"""Say so before starting when the envelope is more than this share of a reply."""
+
+
+def _model_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    from fedslim.task.data import load_splits
+    from fedslim.task.models import build_model
+
+    splits = load_splits(cfg.data, cfg.fed.seed)
+    model = build_model(cfg.train.model, splits.input_shape, splits.num_classes)
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
 def check_budget(cfg: RunConfig) -> None:
     """Refuse an uplink byte budget no reply can fit (every reply would be rejected)."""
     uplink = cfg.comp.uplink
     topk = uplink.topk if isinstance(uplink, PipelineSpec) else None
     if topk is None or not topk.is_budget:
         return
-    from fedslim.task.data import load_splits
-    from fedslim.task.models import build_model, count_params
-
-    splits = load_splits(cfg.data, cfg.fed.seed)
-    numel = count_params(build_model(cfg.train.model, splits.input_shape, splits.num_classes))
+    numel = sum(v.numel() for v in _model_state(cfg).values())
     budget = topk.budget_for(numel)
     if budget < MIN_REPLY_BYTES:
         most = max(1, (4 * numel) // MIN_REPLY_BYTES)
@@ -86,3 +100,34 @@ def check_budget(cfg: RunConfig) -> None:
             f"reply for model={cfg.train.model!r} ({4 * numel} bytes of float32), below the "
             f"~{MIN_REPLY_BYTES} bytes Flower's envelope and metrics need; use budget:"
             f"{MIN_REPLY_BYTES} or more (for this model at most budget:x{most})")
+
+
+def reply_estimate(spec: PipelineSpec, shapes: dict[str, torch.Tensor]) -> int:
+    """Payload bytes of one update of these tensors through ``spec``: a seeded heavy-tailed
+    stand-in for a real update, encoded as the client mod encodes (schema-bound)."""
+    gen = torch.Generator().manual_seed(0)
+    update = {k: torch.randn(v.shape, generator=gen) * torch.rand(v.shape, generator=gen) ** 3
+              for k, v in shapes.items()}
+    return len(encode_update(update, spec, generator=gen, schema_bound=True,
+                             spec_implied=True))
+
+
+def envelope_notice(cfg: RunConfig) -> str | None:
+    """A fixed uplink spec whose replies the envelope dominates on this model: what ratio is
+    possible and why, before anything starts (``budget:`` sizes whole replies and is checked
+    by :func:`check_budget`; ``auto`` sizes its payloads from each update)."""
+    uplink = cfg.comp.uplink
+    if not isinstance(uplink, PipelineSpec) or uplink.is_identity or (
+            uplink.topk is not None and uplink.topk.is_adaptive):
+        return None
+    state = _model_state(cfg)
+    dense = 4 * sum(v.numel() for v in state.values())
+    payload = reply_estimate(uplink, state)
+    if ENVELOPE_BYTES <= ENVELOPE_SHARE * (payload + ENVELOPE_BYTES):
+        return None
+    return (f"note: uplink={uplink} on model={cfg.train.model!r} ({dense / 1e3:,.1f} kB of "
+            f"float32): the payload is ~{payload:,} bytes but Flower's envelope and the "
+            f"metrics add ~{ENVELOPE_BYTES} to every reply, so replies will be ~x"
+            f"{dense / (payload + ENVELOPE_BYTES):,.0f} smaller, not ~x{dense / payload:,.0f}; "
+            f"no reply of this model can be more than ~x{dense / MIN_REPLY_BYTES:,.0f} "
+            "smaller")

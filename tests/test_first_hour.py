@@ -130,3 +130,17 @@ def _rounds_done(out: Path) -> int:
         return len(json.loads((out / "results.json").read_text())["rounds"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def test_a_fixed_spec_the_envelope_dominates_is_said_before_starting() -> None:
+    """A small model's replies are mostly Flower's envelope: say what ratio is possible."""
+    from fedslim.config import parse_run_config
+    from fedslim.preflight import envelope_notice
+
+    notice = envelope_notice(parse_run_config({"model": "digits_mlp",
+                                               "uplink": "topk:0.01|q:4"}))
+    assert notice is not None and "digits_mlp" in notice and "envelope" in notice
+    assert "no reply of this model can be more than ~x128 smaller" in notice
+    for quiet in ({"uplink": "topk:0.01|q:4"}, {"uplink": "auto"}, {"uplink": "none"},
+                  {"uplink": "budget:x50|q:4|ans|pass:0", "model": "digits_mlp"}):
+        assert envelope_notice(parse_run_config(quiet)) is None
