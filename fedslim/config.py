@@ -213,18 +213,17 @@ class CompressionConfig:
     """Update compression on the wire and the server-side optimizer."""
 
     uplink: PipelineSpec | AutoSpec = field(default=UPLINK_AUTO, metadata=key(
-        "uplink", "Client-to-server pipeline: `auto` (each tensor keeps the fewest values "
-        "holding a fraction of its update's energy, 4-bit quantized and entropy-coded; the "
-        "fraction follows a loss signal, see docs/compression.md; `auto:energy=0.6,low=0.3,"
-        "high=0.95,bits=4` sets its base and range), `none` (plain float32 arrays, exactly "
+        "uplink", "Client-to-server pipeline: `auto` (= `" + str(UPLINK_AUTO.spec) + "`: "
+        "each tensor keeps the fewest values holding " + f"{UPLINK_AUTO.energy:.0%}" + " of "
+        "its update's energy, so the bytes follow the model; `auto:energy=0.6,bits=4` "
+        "changes the level; see docs/compression.md), `none` (plain float32 arrays, exactly "
         "as stock Flower), or a fixed spec (e.g. `topk:0.01|q:4`, "
         "`budget:x250|q:4|ans|pass:0`, `lowrank:4|q:8`)."))
     downlink: PipelineSpec | AutoSpec | None = field(default=None, metadata=key(
         "downlink", "Server-to-client pipeline for the global model's steps: `auto` (`none` "
-        "when `uplink` is `none`, else the adaptive pipeline of `uplink=auto` with its own "
-        "level), `none` (the full float32 model every round), or a spec. The server decodes "
-        "its own payload, so clients and server hold bit-identical weights with any "
-        "pipeline."))
+        "when `uplink` is `none`, else the pipeline of `uplink=auto`), `none` (the full "
+        "float32 model every round), or a spec. The server decodes its own payload, so "
+        "clients and server hold bit-identical weights with any pipeline."))
     stream_aggregation: bool = field(default=True, metadata=key(
         "stream-aggregation", "The server validates each reply, keeps it as sent and folds "
         "its decoded update into a running sum one at a time (memory O(model), not O(clients "

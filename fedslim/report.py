@@ -172,17 +172,6 @@ class Resources:
 
 
 @dataclass
-class ControlReport:
-    """The pipelines ``auto`` chose for a round, and the previous round's loss that chose
-    them (``signal``: its source and key, e.g. ``central:val-loss``)."""
-
-    uplink: str
-    downlink: str
-    loss: float | None = None
-    signal: str | None = None
-
-
-@dataclass
 class RoundReport:
     round: int
     round_seconds: float = 0.0
@@ -200,7 +189,6 @@ class RoundReport:
     comm_cumulative: CommTotals | None = None
     distill: DistillReport | None = None
     resources: Resources | None = None
-    control: ControlReport | None = None
 
 
 @dataclass

@@ -66,3 +66,33 @@ def curves(rows: list[dict[str, Any]], seed: int, path: Path, bytes_key: str, xl
         ax.plot(xs, [100 * c["test_accuracy"] for c in r["curve"]], label=r["setting"],
                 lw=1.2)
     _finish(plt, fig, ax, path, xlabel, "central test accuracy (%)", title)
+
+
+def suite_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """One panel per strategy: validation accuracy vs cumulative total traffic (log x),
+    one colour per setting, one line per seed."""
+    plt = _pyplot()
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    fig, axes = plt.subplots(1, len(strategies), figsize=(5.5 * len(strategies), 5),
+                             squeeze=False, sharey=True)
+    for ax, strategy in zip(axes[0], strategies, strict=True):
+        for i, setting in enumerate(settings):
+            first = True
+            for r in rows:
+                if r["strategy"] != strategy or r["setting"] != setting:
+                    continue
+                ax.plot([c["total_bytes"] / 1e6 for c in r["curve"]],
+                        [100 * c["val_accuracy"] for c in r["curve"]], color=f"C{i}", lw=1,
+                        alpha=0.8, label=setting if first else None)
+                first = False
+        ax.set_xscale("log")
+        ax.set_xlabel("cumulative traffic, both directions (MB)")
+        ax.set_title(strategy, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("central validation accuracy (%)")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

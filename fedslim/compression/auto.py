@@ -1,14 +1,16 @@
-"""``auto``: a compression level that follows the update, not a fixed spec.
+"""``auto``: a compression level that follows the update, not a fixed share of values.
 
-``uplink=auto`` / ``downlink=auto`` stand for the family ``energy:E|q:B|ans|pass:0``:
-every tensor keeps the fewest largest values that hold a fraction ``E`` of its energy
-(:mod:`fedslim.compression.fidelity`), 4-bit quantized and entropy-coded, biases included.
-How many values that is -- hence the bytes -- is measured on each update, so a model whose
-updates are concentrated is compressed far more than one whose updates are spread out, and
-no layer is starved by a larger one. ``E`` itself is set each round by a controller on the
-server (:mod:`fedslim.strategies.control`) from the base value here.
+``uplink=auto`` / ``downlink=auto`` are the pipeline ``energy:E|q:B|ans|pass:0``: every
+tensor keeps the fewest largest values that hold a fraction ``E`` of its energy (its
+squared L2 norm; :mod:`fedslim.compression.fidelity`), quantized to ``B`` bits and
+entropy-coded, biases included. How many values that is -- hence the bytes -- is measured
+on each update, per tensor: a model whose updates are concentrated is compressed far more
+than one whose updates are spread out, a layer whose updates are small next to the others'
+still moves every round, and a dense step (an adaptive server optimizer's) is sent densely.
+The level ``E`` and the bits were chosen on the digits CNN's validation split (see
+docs/compression.md) and are the same for every model.
 
-:class:`AutoSpec` is pure configuration (no state); ``str(AutoSpec())`` is ``auto``.
+:class:`AutoSpec` is pure configuration; ``str(AutoSpec())`` is ``auto``.
 """
 
 from __future__ import annotations
@@ -28,38 +30,35 @@ from fedslim.compression.spec import (
 from fedslim.errors import SpecError
 
 AUTO = "auto"
+AUTO_ENERGY = 0.4
+AUTO_BITS = 2
 
 
 @dataclass(frozen=True)
 class AutoSpec:
-    """Configuration of an adaptive pipeline.
+    """The adaptive pipeline's settings.
 
     Attributes
     ----------
     energy : float
-        Base fraction of each tensor's energy (squared L2 norm) the payload keeps.
-    low, high : float
-        The range the controller may move ``energy`` in.
+        Fraction of each tensor's energy (squared L2 norm) a payload keeps.
     bits : int
         Quantizer bit width of the kept values.
     """
 
-    energy: float = 0.5
-    low: float = 0.2
-    high: float = 0.95
-    bits: int = 4
+    energy: float = AUTO_ENERGY
+    bits: int = AUTO_BITS
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.low <= self.energy <= self.high <= 1.0:
-            raise SpecError(f"auto needs 0 < low <= energy <= high <= 1, got low={self.low}, "
-                            f"energy={self.energy}, high={self.high}")
+        if not 0.0 < self.energy <= 1.0:
+            raise SpecError(f"auto energy must be a fraction in (0, 1], got {self.energy}")
         if not 1 <= self.bits <= 8:
             raise SpecError(f"auto bits must be in 1..8, got {self.bits}")
 
-    def at(self, energy: float) -> PipelineSpec:
-        """The concrete pipeline keeping ``energy`` (clamped to [low, high])."""
-        kept = min(self.high, max(self.low, energy))
-        return PipelineSpec(topk=TopKConfig(energy=kept, scope=Scope.TENSOR),
+    @property
+    def spec(self) -> PipelineSpec:
+        """The concrete pipeline."""
+        return PipelineSpec(topk=TopKConfig(energy=self.energy, scope=Scope.TENSOR),
                             values=QuantizeConfig(self.bits), entropy=EntropyConfig(),
                             passthrough=PassthroughConfig(below=0))
 
@@ -71,7 +70,7 @@ class AutoSpec:
 
 UPLINK_AUTO = AutoSpec()
 """``uplink=auto``."""
-DOWNLINK_AUTO = AutoSpec(energy=0.5)
+DOWNLINK_AUTO = AutoSpec()
 """``downlink=auto`` with a compressing uplink (with ``uplink=none`` it is ``none``)."""
 
 
@@ -80,16 +79,21 @@ def compresses(pipeline: PipelineSpec | AutoSpec) -> bool:
     return isinstance(pipeline, AutoSpec) or not pipeline.is_identity
 
 
+def resolve(pipeline: PipelineSpec | AutoSpec) -> PipelineSpec:
+    """The concrete pipeline behind ``pipeline``."""
+    return pipeline.spec if isinstance(pipeline, AutoSpec) else pipeline
+
+
 def _fmt_number(value: float) -> str:
     return str(value) if isinstance(value, int) else _fmt_float(value)
 
 
-_OPTION = re.compile(r"^(energy|low|high|bits)=([0-9.eE+-]+)$")
+_OPTION = re.compile(r"^(energy|bits)=([0-9.eE+-]+)$")
 
 
 def parse_auto(text: str) -> AutoSpec | None:
-    """``auto`` or ``auto:energy=0.6,bits=4,...`` -> :class:`AutoSpec`; None for any other
-    text (a concrete spec).
+    """``auto`` or ``auto:energy=0.6,bits=4`` -> :class:`AutoSpec`; None for any other text
+    (a concrete spec).
 
     Raises
     ------
@@ -104,7 +108,7 @@ def parse_auto(text: str) -> AutoSpec | None:
         match = _OPTION.match(item.strip())
         if match is None:
             raise SpecError(f"invalid auto option {item.strip()!r} in {text!r}; accepted: "
-                            "energy=F, low=F, high=F (fractions), bits=N")
+                            "energy=F (a fraction), bits=N")
         name, raw = match.groups()
         try:
             values[name] = int(raw) if name == "bits" else float(raw)
@@ -113,4 +117,5 @@ def parse_auto(text: str) -> AutoSpec | None:
     return AutoSpec(**values)  # type: ignore[arg-type]
 
 
-__all__ = ["AUTO", "DOWNLINK_AUTO", "UPLINK_AUTO", "AutoSpec", "compresses", "parse_auto"]
+__all__ = ["AUTO", "DOWNLINK_AUTO", "UPLINK_AUTO", "AutoSpec", "compresses", "parse_auto",
+           "resolve"]

@@ -15,11 +15,10 @@ new global model goes back through the downlink codec
 :class:`~fedslim.report.RoundCollector`.
 
 The default, ``uplink="auto"`` and ``downlink="auto"``, compresses both directions with
-:class:`~fedslim.compression.auto.AutoSpec` pipelines whose level an
-:class:`~fedslim.strategies.control.EnergyController` per direction sets every round
-from a loss signal. With ``uplink="none"`` and ``downlink="none"`` messages pass through
-untouched: the federation is stock Flower's, bit for bit, plus validation and byte
-accounting.
+the :class:`~fedslim.compression.auto.AutoSpec` pipeline: each tensor keeps the fewest
+values holding a fixed fraction of its update's energy, so the bytes follow the model. With
+``uplink="none"`` and ``downlink="none"`` messages pass through untouched: the federation
+is stock Flower's, bit for bit, plus validation and byte accounting.
 
 Order when stacking with Flower's DP wrappers: ``Compressed(DifferentialPrivacy...(s))`` --
 the DP wrapper must see plain weights.
@@ -32,21 +31,20 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedslim.compression import PipelineSpec, parse_spec
-from fedslim.compression.auto import DOWNLINK_AUTO, AutoSpec, parse_auto
+from fedslim.compression.auto import DOWNLINK_AUTO, AutoSpec, parse_auto, resolve
 from fedslim.errors import FedslimError
 from fedslim.flower_io import message_bytes, to_state, unfold_reply
 from fedslim.protocol import DOWN, INIT_FAILED, UP, DownlinkHeader, UplinkHeader
-from fedslim.report import ControlReport, Reject, RoundCollector, RoundReport
+from fedslim.report import Reject, RoundCollector, RoundReport
 from fedslim.strategies.aggregate import State, float_keys
-from fedslim.strategies.control import EnergyController, pick_loss
 from fedslim.strategies.downlink import Downlink
 from fedslim.strategies.ledger import ByteLedger
 from fedslim.strategies.stream import (
@@ -66,7 +64,6 @@ from fedslim.strategies.uplink import (
 from fedslim.strategies.wrapper import StrategyWrapper
 
 log = logging.getLogger("flwr").getChild("fedslim")
-EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
 
 def scalar_metrics(rec: MetricRecord | None) -> dict[str, float]:
@@ -116,10 +113,9 @@ class Compressed(StrategyWrapper):
         Any Flower strategy working on plain ``ArrayRecord`` weights.
     uplink, downlink : str, PipelineSpec or AutoSpec
         Pipelines for client updates and for the global model's steps: ``auto`` (the
-        default: the level follows the updates and a loss signal, see
-        :mod:`fedslim.strategies.control`), a spec such as ``topk:0.01|q:4``, or ``none``
-        (plain float32, as stock Flower). ``downlink="auto"`` is ``none`` when the uplink
-        is ``none``.
+        default, :mod:`fedslim.compression.auto`), a spec such as ``topk:0.01|q:4``, or
+        ``none`` (plain float32, as stock Flower). ``downlink="auto"`` is ``none`` when the
+        uplink is ``none``.
     error_feedback : bool
         Clients keep what their codec dropped and add it to their next update.
     warmup_rounds : int
@@ -159,25 +155,18 @@ class Compressed(StrategyWrapper):
             # "auto" follows the uplink: plain both ways, or the adaptive downlink
             down = PipelineSpec() if isinstance(up, PipelineSpec) and up.is_identity \
                 else DOWNLINK_AUTO
-        self.control = {name: EnergyController(spec) for name, spec in
-                        (("uplink", up), ("downlink", down)) if isinstance(spec, AutoSpec)}
-        self.uplink: PipelineSpec | AutoSpec = up
+        self.settings = (up, down)  # as given (``auto`` stays ``auto``), for the summary
+        self.uplink = resolve(up)
         if not 0 <= keyframe_every <= Downlink.MAX_CHAIN:
             raise ValueError(f"keyframe_every must be in [0, {Downlink.MAX_CHAIN}], got "
                              f"{keyframe_every}")
-        self.downlink = Downlink(down.at(down.energy) if isinstance(down, AutoSpec) else down,
-                                 key_every=keyframe_every, key_spec=parse_spec(keyframe))
-        self.downlink_auto = down if isinstance(down, AutoSpec) else None
-        self._uplink_now: tuple[int, PipelineSpec] | None = None
-        self._signal: tuple[str, str] | None = None   # (source, key) of the loss followed
-        self._observed = 0                             # the last round fed to the controllers
-        self._central: dict[int, dict[str, float]] = {}  # a stock app's evaluate_fn results
+        self.downlink = Downlink(resolve(down), key_every=keyframe_every,
+                                 key_spec=parse_spec(keyframe))
         self.error_feedback = error_feedback
         self.ef_reset_after = ef_reset_after
         self.warmup_rounds = warmup_rounds
         self.seed = seed
-        self.plain = (isinstance(up, PipelineSpec) and up.is_identity
-                      and not self.downlink.compress and not bind)
+        self.plain = self.uplink.is_identity and not self.downlink.compress and not bind
         self.stream = secrets.randbits(31)
         self.lineage = secrets.randbits(62) | 1  # kept across resumptions (checkpointed)
         self.ledger = ByteLedger()
@@ -189,57 +178,13 @@ class Compressed(StrategyWrapper):
         self.streaming_wanted = stream
 
     def summary(self) -> None:
+        up, down = self.settings
         log.info("\t├──> fedslim compression: uplink=%s downlink=%s error-feedback=%s",
-                 self.uplink, self.downlink_auto or self.downlink.spec, self.error_feedback)
+                 _shown(up), _shown(down), self.error_feedback)
         super().summary()
 
     def uplink_at(self, server_round: int) -> PipelineSpec:
-        """The uplink pipeline of ``server_round`` (fixed once the round's messages go)."""
-        if isinstance(self.uplink, PipelineSpec):
-            return self.uplink.at_round(max(server_round, 1), self.warmup_rounds)
-        if self._uplink_now is None or self._uplink_now[0] != server_round:
-            self._uplink_now = (server_round, self.control["uplink"].spec)
-        return self._uplink_now[1]
-
-    # ------------------------------------------------------------------ the controllers
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
-              timeout: float = 3600, train_config: ConfigRecord | None = None,
-              evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: EvaluateFn | None = None) -> Result:
-        """Flower's round loop; a given ``evaluate_fn``'s metrics also feed the controllers
-        (a stock app's central evaluation is their first choice of loss)."""
-        def watched(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            assert evaluate_fn is not None
-            metrics = evaluate_fn(server_round, arrays)
-            self._central[server_round] = scalar_metrics(metrics)
-            return metrics
-
-        return super().start(grid, initial_arrays, num_rounds, timeout, train_config,
-                             evaluate_config, watched if evaluate_fn is not None else None)
-
-    def _steer(self, report: RoundReport) -> None:
-        """Feed the last closed round's loss to the controllers (once per round) and say
-        in ``report`` which pipelines this round uses."""
-        if not self.control:
-            return
-        loss = None
-        last = self.collector.history[-1] if self.collector.history else None
-        if last is not None and self._observed < last.round < report.round:
-            central = self._central.get(last.round, {})
-            if last.central is not None and last.central.val is not None:
-                central = {"val-loss": last.central.val.loss}
-            loss, self._signal = pick_loss({"central": central,
-                                            "federated": last.federated_evaluate,
-                                            "train": last.train}, self._signal)
-            for ctrl in self.control.values():
-                ctrl.observe(loss)
-            self._observed = last.round
-        self._central = {r: m for r, m in self._central.items() if r >= report.round}
-        if self.downlink_auto is not None:
-            self.downlink.spec = self.control["downlink"].spec
-        report.control = ControlReport(
-            uplink=str(self.uplink_at(report.round)), downlink=str(self.downlink.spec),
-            loss=loss, signal=":".join(self._signal) if self._signal else None)
+        return self.uplink.at_round(max(server_round, 1), self.warmup_rounds)
 
     # ------------------------------------------------------------------ downlink
     def _report(self, server_round: int) -> RoundReport:
@@ -272,7 +217,7 @@ class Compressed(StrategyWrapper):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._steer(self._report(server_round))
+        self._report(server_round)
         self.ledger.reset()
         self._round = server_round
         self.downlink.sync(arrays)
@@ -429,22 +374,18 @@ class Compressed(StrategyWrapper):
     def own_state(self) -> dict[str, torch.Tensor]:
         state = {f"downlink/{k}": v for k, v in self.downlink.state_dict().items()}
         state["lineage"] = torch.tensor([self.lineage], dtype=torch.int64)
-        for name, ctrl in self.control.items():
-            state.update({f"control/{name}/{k}": v for k, v in ctrl.state_dict().items()})
-        state["control/observed"] = torch.tensor([self._observed], dtype=torch.int64)
         return state
 
     def load_own_state(self, state: dict[str, torch.Tensor]) -> None:
         if "lineage" in state:
             self.lineage = int(state["lineage"].item())
-        for name, ctrl in self.control.items():
-            prefix = f"control/{name}/"
-            ctrl.load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                                  if k.startswith(prefix)})
-        if "control/observed" in state:
-            self._observed = int(state["control/observed"].item())
+
         self.downlink.load_state_dict({k[len("downlink/"):]: v for k, v in state.items()
                                        if k.startswith("downlink/")})
+
+
+def _shown(pipeline: PipelineSpec | AutoSpec) -> str:
+    return f"{pipeline} ({pipeline.spec})" if isinstance(pipeline, AutoSpec) else str(pipeline)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
