@@ -285,6 +285,29 @@ def config_cmd(
 _TUNED_KEYS = ("uplink", "server-opt", "server-momentum", "seed")
 
 
+def _tune_plan(extra: list[str], num_clients: int, rounds: int, output_dir: str,
+               min_ratio: float, lows: dict[str, tuple[float, float]]) -> tuple[float, int]:
+    """Every check of ``fedslim tune`` before its first trial: (top ratio, model bytes)."""
+    overrides = parse_cli_overrides(extra)
+    clash = sorted(set(overrides) & set(_TUNED_KEYS))
+    if clash:
+        raise ConfigError(f"-c {clash[0]}=... is what tune searches (or --seed sets); "
+                          f"leave out {', '.join(clash)}")
+    for flag, (value, low) in lows.items():
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low:g}, got {value:g}")
+    cfg, _, _ = prepare_simulation({**overrides, "output-dir": output_dir,
+                                    "num-server-rounds": rounds}, num_clients)
+    from fedslim import tune as search
+    from fedslim.task.data import load_splits
+    from fedslim.task.models import build_model, count_params
+
+    splits = load_splits(cfg.data, cfg.fed.seed)
+    model_bytes = 4 * count_params(build_model(cfg.train.model, splits.input_shape,
+                                               splits.num_classes))
+    return search.check_reachable(min_ratio, model_bytes, cfg.train.model), model_bytes
+
+
 @cli.command()
 def tune(
     trials: Annotated[int, typer.Option(help="Settings to try in the search.")] = 20,
@@ -308,34 +331,19 @@ def tune(
     each trial scored over several seeds: prints the Pareto front (uplink reduction vs val
     accuracy), then the chosen setting re-run on fresh seeds next to an uncompressed run."""
     import_path_for_workers()
+    extra = list(run_config or [])
     try:
-        extra = list(run_config or [])
-        overrides = parse_cli_overrides(extra)
-        clash = sorted(set(overrides) & set(_TUNED_KEYS))
-        if clash:
-            raise ConfigError(f"-c {clash[0]}=... is what tune searches (or --seed sets); "
-                              f"leave out {', '.join(clash)}")
-        for flag, value, low in (("--trials", trials, 1), ("--rounds", rounds, 1),
-                                 ("--min-ratio", min_ratio, 1), ("--score-seeds", score_seeds, 1),
-                                 ("--confirm-seeds", confirm_seeds, 0)):
-            if value < low:
-                raise ConfigError(f"{flag} must be >= {low}, got {value}")
-        cfg, _, _ = prepare_simulation({**overrides, "output-dir": output_dir,
-                                        "num-server-rounds": rounds}, num_clients)
-        from fedslim import tune as search
-        from fedslim.task.data import load_splits
-        from fedslim.task.models import build_model, count_params
-
-        splits = load_splits(cfg.data, cfg.fed.seed)
-        model_bytes = 4 * count_params(build_model(cfg.train.model, splits.input_shape,
-                                                   splits.num_classes))
-        top = search.check_reachable(min_ratio, model_bytes, cfg.train.model)
+        top, model_bytes = _tune_plan(extra, num_clients, rounds, output_dir, min_ratio, {
+            "--trials": (trials, 1), "--rounds": (rounds, 1), "--min-ratio": (min_ratio, 1),
+            "--score-seeds": (score_seeds, 1), "--confirm-seeds": (confirm_seeds, 0)})
     except FedslimError as exc:
         _error(str(exc), 2)
     try:
         import optuna  # noqa: F401
     except ImportError:
         _error("fedslim tune needs optuna: pip install 'fedslim[tune]' (or -e \".[dev]\")", 2)
+    from fedslim import tune as search
+
     seeds = [seed + i for i in range(score_seeds)]
     fresh = [seed + search.CONFIRM_OFFSET + i for i in range(confirm_seeds)]
     typer.echo(f"tune: {trials} trials x seeds {seeds} of budget:x{search.MIN_RATIO:g}.."

@@ -111,23 +111,28 @@ class Cell:
 
 def run_cell(cell: Cell, num_clients: int, extra: list[str], rounds: int | None = None
              ) -> dict[str, Any]:
-    """Run one federation (``rounds``: instead of the workload's); its figures at the
-    workload's round count, after all rounds, and its per-round curve."""
+    """Run one federation (``rounds``: instead of the workload's)."""
     base = rounds or WORKLOADS[cell.workload].rounds
-    rounds = base * EXTENDED.get(cell.setting, 1)
-    res, wall = simulate_subprocess(cell.overrides(), num_clients, rounds, extra)
+    return {"workload": cell.workload, "strategy": cell.strategy, "setting": cell.setting,
+            "seed": cell.seed, **federation(cell.overrides(), base,
+                                            EXTENDED.get(cell.setting, 1), num_clients, extra)}
+
+
+def federation(overrides: dict[str, Any], rounds: int, extend: int, num_clients: int,
+               extra: list[str]) -> dict[str, Any]:
+    """One real federation of ``rounds * extend`` rounds: its figures at round ``rounds``
+    and after all of them, and its per-round curve."""
+    res, wall = simulate_subprocess(overrides, num_clients, rounds * extend, extra)
     final = res.final
     if final is None or final.comm is None:
-        raise RuntimeError(f"{cell} ended without final figures")
+        raise RuntimeError(f"{overrides} ended without final figures")
     curve = [{"round": r.round, "val_accuracy": r.central.val.accuracy,
               "test_accuracy": r.central.test.accuracy,
               "total_bytes": r.comm_cumulative.total_bytes}
              for r in res.rounds if r.central is not None and r.comm_cumulative is not None]
-    at = curve[min(base, len(curve)) - 1]
-    return {"workload": cell.workload, "strategy": cell.strategy, "setting": cell.setting,
-            "seed": cell.seed, "val_accuracy": at["val_accuracy"],
-            "test_accuracy": at["test_accuracy"], "total_bytes": at["total_bytes"],
-            "final_test_accuracy": final.test_accuracy,
+    at = curve[min(rounds, len(curve)) - 1]
+    return {"val_accuracy": at["val_accuracy"], "test_accuracy": at["test_accuracy"],
+            "total_bytes": at["total_bytes"], "final_test_accuracy": final.test_accuracy,
             "uplink_ratio": final.comm.uplink_ratio,
             "rejected_replies": final.comm.rejected_replies,
             "rounds": final.rounds_completed, "wall_seconds": wall, "curve": curve}

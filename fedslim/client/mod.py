@@ -71,10 +71,8 @@ def _one_dtype(tensors: State) -> bool:
     return len({t.dtype for t in tensors.values()}) <= 1
 
 
-def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: State,
-                 state_dir: StateDir | None = None, spill: Path | None = None,
-                 decode_seconds: float = 0.0) -> None:
-    """Replace the reply's weights by the encoded update and add the uplink header."""
+def _reply_key(reply: Message, head: DownlinkHeader, start: State) -> str:
+    """The name of the reply's weights record, checked against the global model's names."""
     records = reply.content.array_records
     key = head.arrays_key
     if key not in records:
@@ -88,60 +86,76 @@ def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: 
         raise EncodeError(f"the reply's parameter names differ from the global model's "
                           f"(missing {missing[:5]}, unexpected {extra[:5]}); client and "
                           "server must build the same model")
-    spec = parse_spec(head.uplink)
+    return key
+
+
+def _local_update(reply: Message, key: str, start: State, keys: list[str]) -> State:
+    """``local - start`` per float tensor, in this process's reused buffers (no model-sized
+    allocation per round: each costs more than the arithmetic at 10M parameters)."""
+    arrays = reply.content.array_records[key]  # (read in place from the reply's bytes)
+    local = {k: array_tensor(arrays[k]) for k in keys}
+    for k in keys:
+        if local[k].is_complex():
+            raise EncodeError(f"the reply's tensor {k!r} is {local[k].dtype}; the global "
+                              "model's is real (float)")
+        if local[k].shape != start[k].shape:
+            raise EncodeError(f"the reply's tensor {k!r} has shape {tuple(local[k].shape)}, "
+                              f"the global model's {tuple(start[k].shape)}; client and "
+                              "server must build the same model")
+    floats = {k: start[k] for k in keys}
+    return {k: torch.sub(local[k].float(), start[k], out=v) for k, v in
+            buffers.scratch(SCRATCH_UPDATE, floats).items()}
+
+
+def _encode(reply: Message, context: Context, head: DownlinkHeader, start: State, key: str,
+            spec: PipelineSpec, state_dir: StateDir | None, spill: Path | None) -> bytes:
+    """The wire payload of this reply: its update plus the node's residual, through
+    ``spec``; the residual (and PowerSGD's warm start) kept for the next round."""
     keys = float_keys(start)
+    update = _local_update(reply, key, start, keys)
+    slots = ef_files(state_dir, context, head)
+    ef, loaded = load_residual(context, head, slots) if head.error_feedback else (None, None)
+    if ef is not None:
+        update = ef.apply(update, in_place=True)
+    gen = make_generator(head.seed, node_key(context), head.server_round, 7)
+    room = _payload_room(reply, key, spec, start, keys, len(
+        _header(head, start, encode_seconds=0.0, crc=0).pack()))
+    warm = context.state.array_records.get(STATE_LOWRANK)
+    lowrank_state = None if spec.lowrank is None else (
+        to_state(warm) if warm is not None else {})
+    # Schema-bound, spec implied: the server holds the model and chose the spec, so names,
+    # shapes and the spec string stay home.
+    bound = _one_dtype(update)
+    payload, sent = encode_update(
+        update, spec, generator=gen, return_reconstruction=True, max_bytes=room,
+        lowrank_state=lowrank_state, schema_bound=bound, spec_implied=bound,
+        reconstruction_out=buffers.scratch(SCRATCH_SPARSE, {k: start[k] for k in keys}))
+    if lowrank_state:  # PowerSGD's warm start for the next round
+        context.state[STATE_LOWRANK] = ArrayRecord(lowrank_state)
+    if ef is not None:  # (update: scratch buffers; the residual is made in them, then
+        # written to its file or copied into the context before the next message)
+        ef.record(update, sent, in_place=True)
+        if spill is None or slots is None:  # (spilled: its file is the only copy)
+            context.state[STATE_EF] = ArrayRecord(ef.state_dict())
+            context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream,
+                                                         "round": head.server_round})
+        persist_residual(ef, slots, loaded, head)
+    return payload
+
+
+def encode_reply(reply: Message, context: Context, head: DownlinkHeader, start: State,
+                 state_dir: StateDir | None = None, spill: Path | None = None,
+                 decode_seconds: float = 0.0) -> None:
+    """Replace the reply's weights by the encoded update and add the uplink header."""
+    key = _reply_key(reply, head, start)
+    spec = parse_spec(head.uplink)
     t0 = time.perf_counter()
-    payload = b""
-    if not spec.is_identity:  # (plain replies are passed on as the app made them)
-        arrays = records[key]  # (read in place from the reply's bytes: no copy)
-        local = {k: array_tensor(arrays[k]) for k in keys}
-        for k in keys:
-            if local[k].is_complex():
-                raise EncodeError(f"the reply's tensor {k!r} is {local[k].dtype}; the "
-                                  "global model's is real (float)")
-            if local[k].shape != start[k].shape:
-                raise EncodeError(f"the reply's tensor {k!r} has shape "
-                                  f"{tuple(local[k].shape)}, the global model's "
-                                  f"{tuple(start[k].shape)}; client and server must build "
-                                  "the same model")
-        # Into this process's reused buffers, the residual added in place: no model-sized
-        # allocation per round (each costs more than the arithmetic at 10M parameters).
-        floats = {k: start[k] for k in keys}
-        update = {k: torch.sub(local[k].float(), start[k], out=v) for k, v in
-                  buffers.scratch(SCRATCH_UPDATE, floats).items()}
-        slots = ef_files(state_dir, context, head)
-        ef, loaded = load_residual(context, head, slots) if head.error_feedback \
-            else (None, None)
-        if ef is not None:
-            update = ef.apply(update, in_place=True)
-        gen = make_generator(head.seed, node_key(context), head.server_round, 7)
-        room = _payload_room(reply, key, spec, start, keys, len(
-            _header(head, start, encode_seconds=0.0, crc=0).pack()))
-        warm = context.state.array_records.get(STATE_LOWRANK)
-        lowrank_state = None if spec.lowrank is None else (
-            to_state(warm) if warm is not None else {})
-        # Schema-bound, spec implied: the server holds the model and chose the spec, so
-        # names, shapes and the spec string stay home.
-        bound = _one_dtype(update)
-        payload, sent = encode_update(update, spec, generator=gen, return_reconstruction=True,
-                                      max_bytes=room, lowrank_state=lowrank_state,
-                                      schema_bound=bound, spec_implied=bound,
-                                      reconstruction_out=buffers.scratch(SCRATCH_SPARSE,
-                                                                         floats))
-        if lowrank_state:  # PowerSGD's warm start for the next round
-            context.state[STATE_LOWRANK] = ArrayRecord(lowrank_state)
-        if ef is not None:  # (update: scratch buffers; the residual is made in them, then
-            # written to its file or copied into the context before the next message)
-            ef.record(update, sent, in_place=True)
-            if spill is None or slots is None:  # (spilled: its file is the only copy)
-                context.state[STATE_EF] = ArrayRecord(ef.state_dict())
-                context.state[STATE_EF_META] = ConfigRecord({"stream": head.stream,
-                                                             "round": head.server_round})
-            persist_residual(ef, slots, loaded, head)
+    payload = b"" if spec.is_identity else _encode(reply, context, head, start, key, spec,
+                                                    state_dir, spill)
     header = _header(head, start, encode_seconds=time.perf_counter() - t0,
                      decode_seconds=decode_seconds)
-    if spec.is_identity:  # plain weights: the header rides in its own small record
-        reply.content[UP] = header.to_record()
+    if spec.is_identity:  # plain weights, passed on as the app made them; the header rides
+        reply.content[UP] = header.to_record()  # in its own small record
     else:  # the header, then the wire payload: with the metrics in one ConfigRecord when
         del reply.content[key]  # small (see fold_reply), else in one array
         data = header.pack() + payload

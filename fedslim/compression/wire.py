@@ -68,6 +68,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -183,6 +184,57 @@ def _zstd() -> ModuleType | None:
     return zstandard
 
 
+def _pack(rec: TensorRecord, compressor: Any) -> tuple[list[bytes | memoryview], Packing]:
+    """A record's three sections as stored: raw, or one zstd frame where that pays."""
+    sections = [rec.positions, rec.scales, rec.values]
+    raw_len = sum(s.size for s in sections)
+    if compressor is not None and raw_len >= 64:
+        packed = compressor.compress(b"".join(s.data for s in sections))
+        if len(packed) <= raw_len * (1 - ZSTD_MIN_GAIN):
+            return [packed], Packing.ZSTD
+    return [s.data for s in sections], Packing.RAW
+
+
+def _codes(rec: TensorRecord, packing: Packing) -> tuple[int, int]:
+    """The record's coding and position bytes."""
+    coding = rec.value_codec << 6 | rec.bits << 2 | int(rec.entropy) << 1 | packing
+    return coding, rec.position_codec << 6 | rec.rice_param
+
+
+def _compact_head(rec: TensorRecord, packing: Packing, spec_implied: bool) -> bytearray:
+    """A schema-bound record's fields: only what its shape and codecs do not imply."""
+    coding, position = _codes(rec, packing)
+    head = bytearray([coding])
+    if rec.value_codec is ValueCodec.QUANT and not spec_implied:
+        head += _varint(rec.block)
+    head.append(position)
+    if rec.position_codec not in (PositionCodec.ALL, PositionCodec.LOWRANK):
+        head += _varint(rec.count)
+    if rec.position_codec is PositionCodec.RICE:
+        head += _varint(rec.positions.size)
+    if rec.entropy:
+        head += _varint(rec.values.size)
+    return head
+
+
+def _full_head(rec: TensorRecord, packing: Packing, previous: bytes) -> bytearray:
+    """A self-describing record's fields: front-coded name, dtype, shape, every length."""
+    name = rec.name.encode("utf-8")
+    coding, position = _codes(rec, packing)
+    shared = _common_prefix(previous, name)
+    head = bytearray(_varint(shared) + _varint(len(name) - shared) + name[shared:])
+    head.append(rec.source_dtype << 6 | len(rec.shape))
+    for d in rec.shape:
+        head += _varint(d)
+    head.append(coding)
+    head += _varint(rec.block)
+    head.append(position)
+    head += _varint(rec.count)
+    for section in (rec.positions, rec.scales, rec.values):
+        head += _varint(section.size)
+    return head
+
+
 def write_payload(spec: str, records: list[TensorRecord], zstd_level: int | None,
                   schema_bound: bool = False, spec_implied: bool = False) -> bytes:
     """Serialise records under ``spec``; with ``zstd_level``, compress where it pays.
@@ -222,40 +274,12 @@ def write_payload(spec: str, records: list[TensorRecord], zstd_level: int | None
         if len(name) > MAX_NAME_BYTES or len(rec.shape) > MAX_NDIM:
             raise EncodeError(f"tensor {rec.name[:80]!r}: name over {MAX_NAME_BYTES} bytes "
                               f"or more than {MAX_NDIM} dimensions")
-        sections = [rec.positions, rec.scales, rec.values]
-        raw_len = sum(s.size for s in sections)
-        stored: list[bytes | memoryview] = [s.data for s in sections]
-        packing = Packing.RAW
-        if compressor is not None and raw_len >= 64:
-            packed = compressor.compress(b"".join(s.data for s in sections))
-            if len(packed) <= raw_len * (1 - ZSTD_MIN_GAIN):
-                stored, packing = [packed], Packing.ZSTD
-        coding = rec.value_codec << 6 | rec.bits << 2 | int(rec.entropy) << 1 | packing
-        position = rec.position_codec << 6 | rec.rice_param
+        stored, packing = _pack(rec, compressor)
         if schema_bound:
-            head = bytearray([coding])
-            if rec.value_codec is ValueCodec.QUANT and not spec_implied:
-                head += _varint(rec.block)
-            head.append(position)
-            if rec.position_codec not in (PositionCodec.ALL, PositionCodec.LOWRANK):
-                head += _varint(rec.count)
-            if rec.position_codec is PositionCodec.RICE:
-                head += _varint(rec.positions.size)
-            if rec.entropy:
-                head += _varint(rec.values.size)
+            head = _compact_head(rec, packing, spec_implied)
         else:
-            shared = _common_prefix(previous, name)
+            head = _full_head(rec, packing, previous)
             previous = name
-            head = bytearray(_varint(shared) + _varint(len(name) - shared) + name[shared:])
-            head.append(rec.source_dtype << 6 | len(rec.shape))
-            for d in rec.shape:
-                head += _varint(d)
-            head.append(coding)
-            head += _varint(rec.block)
-            head.append(position)
-            head += _varint(rec.count)
-            for s in sections:
-                head += _varint(s.size)
         if packing is Packing.ZSTD:
             head += _varint(len(stored[0]))
         parts.append(bytes(head))

@@ -21,6 +21,7 @@ from fedslim.deploy.launcher import (
     run_local_deployment,
 )
 from fedslim.errors import ConfigError, FedslimError
+from fedslim.preflight import envelope_notice
 from fedslim.protocol import MODEL_FILE
 from fedslim.report import load_results
 
@@ -65,7 +66,9 @@ def deploy(
         # Plug-ins named in the run config live in the app (as for its own processes).
         if str(app) not in sys.path:
             sys.path.insert(0, str(app))
-        _, send = resolve_run_config(overrides)
+        cfg, send = resolve_run_config(overrides)
+        if (notice := envelope_notice(cfg)) is not None:
+            typer.secho(notice, fg=typer.colors.YELLOW, err=True)
         outdir = Path(str(send["output-dir"]))
         work = (workdir or outdir / "deploy").resolve()
         results = run_local_deployment(num_clients, overrides, app,

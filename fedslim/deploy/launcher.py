@@ -45,7 +45,6 @@ from fedslim.preflight import (
     check_data_dir,
     check_federation_size,
     check_output_dir,
-    envelope_notice,
 )
 from fedslim.protocol import RESULTS_FILE
 
@@ -406,8 +405,6 @@ def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
     dep = LocalDeployment(num_clients, workdir, min_nodes=cfg.fed.min_train_nodes,
                           restart_nodes=restart_nodes, tls=tls)
     with dep:
-        if (notice := envelope_notice(cfg)) is not None:
-            dep.console.print(f"[yellow]{notice}[/yellow]", soft_wrap=True)
         dep.console.print(f"logs: {dep.log_dir}", soft_wrap=True)
         dep.start(deadline)
         dep.run(app_dir, send, results, deadline)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedslim.strategies.compressed import REASON_LIMIT, short_reason
+from fedslim.strategies.reasons import REASON_LIMIT, short_reason
 
 RAY_TRACEBACK = (
     "\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1263, ip=192.0.2.2)\n"
