@@ -50,9 +50,10 @@ class DataConfig:
     """Which data, and how it is split between server and clients."""
 
     dataset: str = field(default="digits", metadata=key(
-        "dataset", "Data set: `digits` (embedded, scikit-learn), `synthetic`, `npz` (your "
-        "arrays, any shape), `mnist` or `cifar10` (files in `data-dir`), or one a plug-in "
-        "registers (see docs/extending.md)."))
+        "dataset", "Data set: `digits` (embedded, scikit-learn), `digits32` (the same as "
+        "3x32x32 images), `synthetic`, `synthetic32`, `motifs` (generated 1-D sequences), "
+        "`npz` (your arrays, any shape), `mnist` or `cifar10` (files in `data-dir`), or one a "
+        "plug-in registers (see docs/extending.md)."))
     data_dir: str = field(default="", metadata=key(
         "data-dir", "Directory with the data set's files: `train.npz` (+ `test.npz`) for "
         "`npz`, MNIST IDX files, CIFAR-10 binary batches."))
@@ -87,7 +88,8 @@ class DataConfig:
         "client-eval-fraction", "Share of each client's partition kept for federated "
         "evaluation.", low=0.0, high=0.5))
     synthetic_samples: int = field(default=4000, metadata=key(
-        "synthetic-samples", "Number of samples for the `synthetic` data set.", low=20))
+        "synthetic-samples", "Number of samples of the generated data sets (`synthetic`, "
+        "`synthetic32`, `motifs`).", low=20))
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -26,7 +26,9 @@ Nothing here is tuned per workload: ``auto`` is the default configuration, whose
 were chosen on the digits CNN's validation split only (``--select`` reruns that choice).
 Writes ``runs.json`` (every run with its curve), ``summary.csv``, ``suite.md`` (the tables)
 and ``curves_<workload>.png`` (validation accuracy vs cumulative traffic, every seed).
-``--from-json`` re-summarizes and re-plots a ``runs.json`` without running anything.
+Each finished run is appended to ``rows.jsonl``; the same command after an interruption
+runs only the cells not there yet. ``--from-json`` re-summarizes and re-plots a
+``runs.json`` without running anything.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import csv
 import json
 import statistics
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +95,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
                                           "downlink": "topk:0.05|q:4|ans"},
 }
 EXTENDED = {AUTO: 2}  # settings run for this many times the workload's rounds
+ONLY_UNDER = {"budget x50 (README, small models)": {"fedavg"}}  # references: fewer strategies
 
 
 @dataclass
@@ -154,6 +158,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rs = sorted(rs, key=lambda r: r["seed"])
         s: dict[str, Any] = {"workload": wl, "strategy": strategy, "setting": setting,
                              "seeds": [r["seed"] for r in rs]}
+        refused = [r["error"] for r in rs if "error" in r]
+        if refused:  # e.g. a byte budget the model's replies cannot fit
+            out.append({**s, "error": refused[0]})
+            continue
         s["val"], s["val_sd"] = _stats([r["val_accuracy"] for r in rs])
         s["test"], s["test_sd"] = _stats([r["test_accuracy"] for r in rs])
         s["total_mb"] = statistics.mean(r["total_bytes"] for r in rs) / 1e6
@@ -211,6 +219,11 @@ def markdown(summary: list[dict[str, Any]], seeds: list[int]) -> str:
         for s in summary:
             if s["strategy"] != strategy:
                 continue
+            if "error" in s:
+                reason = s["error"].replace("|", "\\|")
+                lines.append(f"| {s['workload']} | {s['setting']} | refused before start: "
+                             f"{reason} | | | | | |")
+                continue
             per_seed = ", ".join(f"{d:+.2f}" for d in s.get("test_minus_none_per_seed", []))
             lines.append(
                 f"| {s['workload']} | {s['setting']} | {_fmt(s.get('total_ratio'), '.1f')} | "
@@ -249,21 +262,43 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every cell, each row appended to ``rows.jsonl`` as it finishes; cells already there
+    (an interrupted run of the same command) are not run again."""
     settings = [BASELINE, *(s for s in args.settings if s != BASELINE)]
     cells = [Cell(w, st, se, seed) for seed in args.seeds for w in args.workloads
-             for st in args.strategies for se in settings]
-    rows: list[dict[str, Any]] = []
+             for st in args.strategies for se in settings
+             if st in ONLY_UNDER.get(se, {st})]
+    journal = args.out / "rows.jsonl"
+    done = {}
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            row = json.loads(line)
+            done[(row["workload"], row["strategy"], row["setting"], row["seed"])] = row
+    lock = threading.Lock()
 
     def one(cell: Cell) -> dict[str, Any]:
-        row = run_cell(cell, args.num_clients, args.run_config, args.rounds)
-        print(f"{cell.workload} {cell.strategy} {cell.setting!r} seed {cell.seed}: test "
-              f"{row['final_test_accuracy']:.4f}, {row['total_bytes'] / 1e6:.2f} MB",
-              flush=True)
+        key = (cell.workload, cell.strategy, cell.setting, cell.seed)
+        if key in done:
+            return done[key]
+        try:
+            row = run_cell(cell, args.num_clients, args.run_config, args.rounds)
+        except RuntimeError as exc:  # the run was refused (e.g. a budget below the envelope)
+            reason = [ln for ln in str(exc).splitlines() if ln.startswith("error:")]
+            if not reason:
+                raise
+            row = {"workload": cell.workload, "strategy": cell.strategy,
+                   "setting": cell.setting, "seed": cell.seed,
+                   "error": reason[-1][len("error:"):].strip()}
+        with lock, open(journal, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        print(f"{cell.workload} {cell.strategy} {cell.setting!r} seed {cell.seed}: " + (
+            f"refused: {row['error']}" if "error" in row else
+            f"test {row['test_accuracy']:.4f}, {row['total_bytes'] / 1e6:.2f} MB (round "
+            f"{args.rounds or WORKLOADS[cell.workload].rounds})"), flush=True)
         return row
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        rows = list(pool.map(one, cells))
-    return rows
+        return list(pool.map(one, cells))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(summary, seeds)
     (args.out / "suite.md").write_text(table + "\n")
     for wl in dict.fromkeys(r["workload"] for r in rows):
-        plots.suite_curves([r for r in rows if r["workload"] == wl],
+        plots.suite_curves([r for r in rows if r["workload"] == wl and "error" not in r],
                            args.out / f"curves_{wl}.png",
                            f"{wl}: {WORKLOADS[wl].what}" if wl in WORKLOADS else wl)
     sys.stdout.write(table + "\n")
