@@ -3,10 +3,11 @@
     python bench.py --seeds 42 1 2 --out ../../docs/results/quickstart
 
 Runs the app with `flwr run` (simulation, 10 SuperNodes, 20 rounds) for each seed, once as
-stock Flower (uplink=none, FedAvg) and once compressed (uplink=topk:0.01|q:4, FedAvgM 0.5:
-the setting fedslim's own comm benchmark selected on validation data), and prints uplink
-bytes, the reduction and the server's test accuracy. Bytes are fedslim's ledger: every
-reply as Flower serialized it.
+stock Flower (`compress=false`: plain messages both ways) and once with the two lines as
+documented and no arguments (`compress=true`: `Compressed(FedAvg(...))`, fedslim's
+defaults), and prints total traffic (every message both ways, as Flower serialized it,
+counted by fedslim's ledger in both runs), its reduction, bytes to 99% of stock's final
+validation accuracy, and the server's test accuracy.
 """
 
 from __future__ import annotations
@@ -17,14 +18,34 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from fedslim.bench.targets import Curve, bytes_to_target_ratio
 from fedslim.deploy.simulation import LocalSimulation
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = {
-    "stock Flower FedAvg (uplink=none)": {"uplink": "none", "server-momentum": 0.0},
-    "+ compression_mod + Compressed (topk:0.01|q:4, FedAvgM 0.5)": {
-        "uplink": "topk:0.01|q:4", "server-momentum": 0.5},
-}
+SETTINGS = {"stock Flower FedAvg": {"compress": False},
+            "+ compression_mod + Compressed(FedAvg()) (defaults)": {"compress": True}}
+
+
+def _total(comm: dict[str, int]) -> int:
+    return (comm["uplink_bytes"] + comm["uplink_eval_bytes"] + comm["downlink_bytes"]
+            + comm["downlink_eval_bytes"])
+
+
+def run(sim: LocalSimulation, tmp: Path, setting: dict[str, object], seed: int,
+        rounds: int, num_clients: int) -> dict[str, object]:
+    out = tmp / f"{seed}-{setting['compress']}.json"
+    sim.run(HERE, {**setting, "seed": seed, "num-server-rounds": rounds,
+                   "results": str(out)}, num_supernodes=num_clients, done=out.exists)
+    res = json.loads(out.read_text())
+    totals, spent = [], 0
+    for comm in res["comm"]:
+        spent += _total(comm)
+        totals.append(spent)
+    return {"seed": seed, "total_bytes": spent, "rejects": res["rejects"],
+            "val_accuracy": res["final"]["val-accuracy"],
+            "test_accuracy": res["final"]["test-accuracy"],
+            "curve": [{"val_accuracy": c["val-accuracy"], "test_accuracy": c["test-accuracy"],
+                       "total_bytes": t} for c, t in zip(res["curve"], totals, strict=True)]}
 
 
 def main() -> None:
@@ -38,32 +59,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, LocalSimulation(Path(tmp) / "sim") as sim:
         for seed in args.seeds:
             for name, setting in SETTINGS.items():
-                out = Path(tmp) / f"{seed}-{len(rows)}.json"
-                sim.run(HERE, {**setting, "seed": seed, "num-server-rounds": args.rounds,
-                               "results": str(out)}, num_supernodes=args.num_clients,
-                        done=out.exists)
-                res = json.loads(out.read_text())
-                up = sum(c["uplink_bytes"] for c in res["comm"])
-                none = sum(c["uplink_none_bytes"] for c in res["comm"])
-                rows.append({"setting": name, "seed": seed, "uplink_bytes": up,
-                             "uplink_ratio": none / up, "rejects": res["rejects"],
-                             "val_accuracy": res["final"]["val-accuracy"],
-                             "test_accuracy": res["final"]["test-accuracy"]})
-                print(json.dumps(rows[-1]))
+                row = {"setting": name, **run(sim, Path(tmp), setting, seed, args.rounds,
+                                               args.num_clients)}
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    stock = {r["seed"]: r for r in rows if r["setting"] == next(iter(SETTINGS))}
     print(f"\n{args.num_clients} clients, {args.rounds} rounds, seeds {args.seeds}:")
-    base = [r for r in rows if r["setting"] == next(iter(SETTINGS))]
     for name in SETTINGS:
         rs = [r for r in rows if r["setting"] == name]
         acc = [r["test_accuracy"] for r in rs]
-        diff = [100 * (a["test_accuracy"] - b["test_accuracy"])
-                for a, b in zip(rs, base, strict=True)]
-        print(f"  {name}: uplink {statistics.mean(r['uplink_bytes'] for r in rs) / 1e6:.3f} MB, "
-              f"x{statistics.mean(r['uplink_ratio'] for r in rs):.1f}, test acc "
-              f"{statistics.mean(acc):.4f} (sd {statistics.pstdev(acc):.4f}), vs stock "
-              f"{statistics.mean(diff):+.2f} pp (per seed {', '.join(f'{d:+.2f}' for d in diff)})")
+        ratio = [stock[r["seed"]]["total_bytes"] / r["total_bytes"] for r in rs]
+        diff = [100 * (r["test_accuracy"] - stock[r["seed"]]["test_accuracy"]) for r in rs]
+        to_target = [bytes_to_target_ratio(Curve.from_rows(r["curve"]),
+                                           Curve.from_rows(stock[r["seed"]]["curve"]))
+                     for r in rs]
+        print(f"  {name}: total {statistics.mean(r['total_bytes'] for r in rs) / 1e6:.3f} MB,"
+              f" x{statistics.mean(ratio):.1f} (per seed {', '.join(f'{x:.1f}' for x in ratio)})"
+              f", test acc {statistics.mean(acc):.4f} (sd {statistics.pstdev(acc):.4f}), vs "
+              f"stock {statistics.mean(diff):+.2f} pp (per seed "
+              f"{', '.join(f'{d:+.2f}' for d in diff)}), bytes to 99% of stock's val "
+              f"accuracy: x{', x'.join('never' if t is None else f'{t:.1f}' for t in to_target)}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "runs.json").write_text(json.dumps(rows, indent=2))
+        (args.out / "runs.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

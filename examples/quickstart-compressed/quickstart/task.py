@@ -1,4 +1,10 @@
-"""Model, data and training loops, as in Flower's PyTorch quickstart (no fedslim here)."""
+"""Model, data and training loops, as in Flower's PyTorch quickstart (no fedslim here).
+
+Flower's quickstart trains its ``Net`` on CIFAR-10 (3x32x32) split IID across the nodes;
+nothing can be downloaded here, so the data are scikit-learn's digits upsampled to 3x32x32
+and normalized as the quickstart normalizes CIFAR. The rest is the quickstart's: the same
+``Net`` (62,006 parameters), SGD with momentum 0.9, IID partitions.
+"""
 
 from __future__ import annotations
 
@@ -7,59 +13,71 @@ from functools import lru_cache
 import numpy as np
 import torch
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner
+from flwr_datasets.partitioner import IidPartitioner
 from sklearn.datasets import load_digits
 from torch import nn
+from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
 
 
 class Net(nn.Module):
-    """A small CNN for 8x8 digits (151k parameters)."""
+    """Model (simple CNN adapted from 'PyTorch: A 60 Minute Blitz'), as in the quickstart."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.pool = nn.AdaptiveMaxPool2d((4, 4))
-        self.fc1 = nn.Linear(64 * 16, 128)
-        self.fc2 = nn.Linear(128, 10)
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return self.fc2(torch.relu(self.fc1(torch.flatten(self.pool(x), 1))))
+        x = self.pool(functional.relu(self.conv1(x)))
+        x = self.pool(functional.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 5 * 5)
+        x = functional.relu(self.fc1(x))
+        x = functional.relu(self.fc2(x))
+        return self.fc3(x)
 
 
-@lru_cache(maxsize=4)
-def _split(seed: int) -> tuple[Dataset, TensorDataset, TensorDataset]:
-    """80% for the clients, 10% validation, 10% test (held by the server)."""
+@lru_cache(maxsize=1)
+def _images() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 digits as (N, 3, 32, 32) float32 in [-1, 1], and their labels."""
     digits = load_digits()
-    x = (digits.images.astype(np.float32) / 16.0)[:, None]
-    y = digits.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(y))
-    n_val, n_test = len(y) // 10, len(y) // 10
-    val, test, train = order[:n_val], order[n_val:n_val + n_test], order[n_val + n_test:]
-    pool = Dataset.from_dict({"x": x[train].reshape(len(train), -1), "label": y[train]})
-    as_tensors = lambda idx: TensorDataset(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))  # noqa: E731
-    return pool, as_tensors(val), as_tensors(test)
+    x = torch.from_numpy((digits.images.astype(np.float32) / 16.0)[:, None])
+    x = functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = ((x.clamp(0, 1) - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+    return x.numpy(), digits.target.astype(np.int64)
 
 
-def load_data(partition_id: int, num_partitions: int, seed: int) -> DataLoader:
-    """This client's share: Dirichlet(0.5) label skew over the clients' pool."""
-    pool, _, _ = _split(seed)
-    partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
-                                       alpha=0.5, seed=seed, min_partition_size=5)
-    partitioner.dataset = pool
-    part = partitioner.load_partition(partition_id).with_format("numpy")[:]
-    data = TensorDataset(torch.from_numpy(part["x"].astype(np.float32).reshape(-1, 1, 8, 8)),
-                         torch.from_numpy(part["label"].astype(np.int64)))
-    return DataLoader(data, batch_size=16, shuffle=True,
+def _split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices: 80% for the nodes, 10% validation, 10% test (held by the server)."""
+    n = len(_images()[1])
+    order = np.random.default_rng(seed).permutation(n)
+    return order[2 * (n // 10):], order[:n // 10], order[n // 10:2 * (n // 10)]
+
+
+def _tensors(rows: np.ndarray) -> TensorDataset:
+    x, y = _images()
+    return TensorDataset(torch.from_numpy(x[rows]), torch.from_numpy(y[rows]))
+
+
+def load_data(partition_id: int, num_partitions: int, batch_size: int, seed: int
+              ) -> DataLoader:
+    """This node's IID share of the pool (Flower's IidPartitioner), shuffled by seed."""
+    pool = _split(seed)[0]
+    partitioner = IidPartitioner(num_partitions=num_partitions)
+    partitioner.dataset = Dataset.from_dict({"row": pool.tolist()})
+    rows = np.asarray(partitioner.load_partition(partition_id)["row"], dtype=np.int64)
+    return DataLoader(_tensors(rows), batch_size=batch_size, shuffle=True,
                       generator=torch.Generator().manual_seed(seed + partition_id))
 
 
 def load_server_data(seed: int) -> tuple[TensorDataset, TensorDataset]:
     """(validation, test) sets, held by the server."""
     _, val, test = _split(seed)
-    return val, test
+    return _tensors(val), _tensors(test)
 
 
 def train(net: Net, loader: DataLoader, epochs: int, lr: float) -> float:
