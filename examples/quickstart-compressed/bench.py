@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -55,6 +57,9 @@ def main() -> None:
     p.add_argument("--num-clients", type=int, default=10)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so LocalSimulation stops every process it started
+    # (the default action would end this process alone and orphan the simulation).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = []
     with tempfile.TemporaryDirectory() as tmp, LocalSimulation(Path(tmp) / "sim") as sim:
         for seed in args.seeds:
