@@ -29,6 +29,7 @@ from fedslim.console import FRAMEWORK_LOG, framework_logs
 from fedslim.deploy.processes import TAG_ENV, freeze_tree
 from fedslim.errors import ConfigError, FedslimError
 from fedslim.preflight import (
+    adaptive_server_notice,
     check_budget,
     check_data_dir,
     check_federation_size,
@@ -65,7 +66,7 @@ def prepare_simulation(overrides: dict[str, Any], num_clients: int
     check_data_dir(cfg)
     check_budget(cfg)
     outdir, notice = check_output_dir(cfg)
-    notes = [n for n in (notice, envelope_notice(cfg)) if n]
+    notes = [n for n in (notice, envelope_notice(cfg), adaptive_server_notice(cfg)) if n]
     return cfg, outdir, "\n".join(notes) or None
 
 

@@ -144,3 +144,17 @@ def test_a_fixed_spec_the_envelope_dominates_is_said_before_starting() -> None:
     for quiet in ({"uplink": "topk:0.01|q:4"}, {"uplink": "auto"}, {"uplink": "none"},
                   {"uplink": "budget:x50|q:4|ans|pass:0", "model": "digits_mlp"}):
         assert envelope_notice(parse_run_config(quiet)) is None
+
+
+def test_compression_under_an_adam_server_step_is_flagged_before_starting() -> None:
+    """FedAdam with a compressing uplink measured -47 pp on the quickstart net: say so."""
+    from fedslim.config import parse_run_config
+    from fedslim.preflight import adaptive_server_notice
+
+    for loud in ({"strategy": "fedadam"}, {"server-opt": "adam"},
+                 {"strategy": "fedadam", "uplink": "topk:0.01|q:4"}):
+        notice = adaptive_server_notice(parse_run_config(loud))
+        assert notice is not None and "Adam" in notice and "-47 pp" in notice, loud
+    for quiet in ({}, {"strategy": "fedprox"}, {"strategy": "fedadam", "uplink": "none"},
+                  {"server-opt": "avgm"}):
+        assert adaptive_server_notice(parse_run_config(quiet)) is None, quiet

@@ -21,7 +21,7 @@ from fedslim.deploy.launcher import (
     run_local_deployment,
 )
 from fedslim.errors import ConfigError, FedslimError
-from fedslim.preflight import envelope_notice
+from fedslim.preflight import adaptive_server_notice, envelope_notice
 from fedslim.protocol import MODEL_FILE
 from fedslim.report import load_results
 
@@ -67,8 +67,9 @@ def deploy(
         if str(app) not in sys.path:
             sys.path.insert(0, str(app))
         cfg, send = resolve_run_config(overrides)
-        if (notice := envelope_notice(cfg)) is not None:
-            typer.secho(notice, fg=typer.colors.YELLOW, err=True)
+        for notice in (envelope_notice(cfg), adaptive_server_notice(cfg)):
+            if notice is not None:
+                typer.secho(notice, fg=typer.colors.YELLOW, err=True)
         outdir = Path(str(send["output-dir"]))
         work = (workdir or outdir / "deploy").resolve()
         results = run_local_deployment(num_clients, overrides, app,
