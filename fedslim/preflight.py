@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from fedslim.compression import encode_update
+from fedslim.compression.auto import compresses
 from fedslim.compression.spec import PipelineSpec
-from fedslim.config import RunConfig
+from fedslim.config import RunConfig, ServerOpt
 from fedslim.errors import ConfigError
 from fedslim.protocol import CHECKPOINT_FILE
 
@@ -139,9 +140,6 @@ def adaptive_server_notice(cfg: RunConfig) -> str | None:
     Adam normalises each coordinate by its own running magnitude, so the sparse,
     error-feedback-delayed coordinates of a compressed update get outsized steps.
     """
-    from fedslim.compression.auto import compresses
-    from fedslim.config import ServerOpt
-
     adam = cfg.fed.strategy == "fedadam" or (
         cfg.fed.strategy == "fedslim" and cfg.comp.server_opt is ServerOpt.ADAM)
     if not adam or not compresses(cfg.comp.uplink):
