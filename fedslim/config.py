@@ -34,6 +34,7 @@ from fedslim.config_enums import (
 from fedslim.config_fields import (
     CLIENT_PREFIX,
     check_registered,
+    did_you_mean,
     flat,
     key,
     parse_cli_overrides,
@@ -315,6 +316,18 @@ def known_keys() -> list[str]:
     return [row[0] for row in _key_rows()]
 
 
+def unknown_keys_message(unknown: list[str], known: list[str]) -> str:
+    """One line: each unknown key with its closest known keys (``did you mean``) -- never
+    the whole list of ~70 keys -- and where that list is."""
+    parts = []
+    for name in unknown:
+        close = did_you_mean(name, known)
+        parts.append(f"unknown run-config key {name!r}"
+                     + (f" (did you mean {close}?)" if close else ""))
+    return ("; ".join(parts) + f"; every key: `fedslim config` or docs/configuration.md "
+            f"({CLIENT_PREFIX}<name> forwards a setting to the clients)")
+
+
 def parse_run_config(
     run_config: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
@@ -336,8 +349,7 @@ def parse_run_config(
     known = set(known_keys())
     unknown = sorted(k for k in merged if k not in known)
     if unknown:
-        raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {sorted(known)} "
-                          f"(and {CLIENT_PREFIX}<name> for settings forwarded to clients)")
+        raise ConfigError(unknown_keys_message(unknown, sorted(known)))
     # Plug-ins register names (models, data sets, ...) that the sections check below.
     load_plugins(str(merged.get("plugins", "")))
     sections: dict[str, Any] = {}

@@ -8,6 +8,7 @@ checked however the section is built (from ``context.run_config``, the CLI, or P
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import math
 import typing
@@ -43,8 +44,19 @@ def validate_fields(section: Any) -> None:
 
 def check_registered(key: str, name: str, registry: Mapping[str, Any], what: str) -> None:
     if name not in registry:
-        raise ConfigError(f"run-config key {key!r}: unknown {what} {name!r}; known: "
-                          f"{sorted(registry)}")
+        close = did_you_mean(name, sorted(registry))
+        hint = f" (did you mean {close}?)" if close else ""
+        raise ConfigError(f"run-config key {key!r}: unknown {what} {name!r}{hint}; known: "
+                          f"{', '.join(sorted(registry))}")
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """The closest one to three of ``choices`` to a misspelled ``name``, quoted and joined
+    with ``or`` (empty when none is close)."""
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    if len(name) >= 4:  # a fragment: 'rounds' for 'num-server-rounds'
+        close += [c for c in choices if name in c and c not in close]
+    return " or ".join(repr(c) for c in close[:3])
 
 def flat(value: Any) -> bool | int | float | str:
     if value is None:

@@ -33,11 +33,31 @@ def test_docs_reference_lists_every_key():
     assert not missing, f"docs/configuration.md lacks {missing}"
 
 
-def test_unknown_key_names_it_and_lists_known():
+def test_unknown_key_names_it_and_suggests_the_close_ones():
     with pytest.raises(ConfigError) as err:
         parse_run_config({"num-server-round": 3})
     msg = str(err.value)
-    assert "num-server-round" in msg and "num-server-rounds" in msg
+    assert "'num-server-round' (did you mean 'num-server-rounds'" in msg
+    assert "\n" not in msg and len(msg) < 300  # one line, not the ~70 keys
+    assert "fedslim config" in msg
+
+
+@pytest.mark.parametrize("overrides,suggested", [
+    ({"learnin-rate": 0.1}, "'learning-rate'"),
+    ({"uplnk": "auto"}, "'uplink'"),
+    ({"rounds": 2}, "'num-server-rounds'"),       # a fragment of the key
+    ({"model": "digits_cn"}, "'digits_cnn'"),     # a registered name, not a key
+])
+def test_misspellings_get_a_did_you_mean(overrides, suggested):
+    with pytest.raises(ConfigError) as err:
+        parse_run_config(overrides)
+    assert "did you mean" in str(err.value) and suggested in str(err.value)
+
+
+def test_a_key_nothing_like_any_other_gets_no_guess():
+    with pytest.raises(ConfigError) as err:
+        parse_run_config({"zzz": 1})
+    assert "did you mean" not in str(err.value) and "'zzz'" in str(err.value)
 
 
 @pytest.mark.parametrize("key,value,fragment", [
