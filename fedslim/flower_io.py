@@ -249,8 +249,9 @@ def state_crc(state: Mapping[str, torch.Tensor]) -> int:
     return crc
 
 
-def content_bytes(content: RecordDict) -> int:
-    """Serialized size of a RecordDict as Flower ships it: every unique object it holds."""
+def content_bytes(content: RecordDict | ArrayRecord | ConfigRecord | MetricRecord) -> int:
+    """Serialized size of a RecordDict (or one record) as Flower ships it: every unique
+    object it holds."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 

@@ -77,6 +77,7 @@ class CommReport:
     downlink_bytes: int = 0          # train instructions
     downlink_eval_bytes: int = 0     # evaluate instructions
     uplink_none_bytes: int = 0       # the same train replies with plain float32 arrays
+    downlink_none_bytes: int = 0     # the instructions as the wrapped strategy made them
     full_model_messages: int = 0
     delta_messages: int = 0
     current_messages: int = 0        # "you hold this version already": no arrays at all
@@ -87,6 +88,7 @@ class CommReport:
     node_decode_seconds: float = 0.0  # clients' downlink decode time (as they report it)
     per_node: dict[str, NodeBytes] = field(default_factory=dict)
     uplink_ratio: float | None = None
+    total_ratio: float = 0.0  # all traffic, both directions, vs plain float32 (0: unknown)
     kept_per_tensor: dict[str, float] = field(default_factory=dict)  # mean over replies
     kept_replies: int = 0            # compressed replies behind kept_per_tensor
 
@@ -94,6 +96,18 @@ class CommReport:
     def total_bytes(self) -> int:
         return (self.uplink_bytes + self.uplink_eval_bytes + self.downlink_bytes
                 + self.downlink_eval_bytes)
+
+    @property
+    def total_none_bytes(self) -> int:
+        """What the same messages cost with plain float32 arrays (evaluate replies carry
+        no model: as they are)."""
+        return self.uplink_none_bytes + self.uplink_eval_bytes + self.downlink_none_bytes
+
+
+def ratio(plain: int, actual: int) -> float | None:
+    """``plain / actual``; None when nothing was measured (either side 0: e.g. results
+    written before downlink-none bytes were recorded)."""
+    return plain / actual if actual and plain else None
 
 
 @dataclass
@@ -105,12 +119,15 @@ class CommTotals:
     downlink_bytes: int = 0
     downlink_eval_bytes: int = 0
     uplink_none_bytes: int = 0
+    downlink_none_bytes: int = 0
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
     node_decode_seconds: float = 0.0
     total_bytes: int = 0
+    total_none_bytes: int = 0
     rejected_replies: int = 0
     uplink_ratio: float | None = None
+    total_ratio: float = 0.0  # 0: not measured (results written before it was)
 
     @classmethod
     def of(cls, rounds: list[RoundReport]) -> CommTotals | None:
@@ -119,12 +136,14 @@ class CommTotals:
             return None
         tot = cls(rejected_replies=sum(len(r.rejects) for r in rounds))
         for name in ("uplink_bytes", "uplink_eval_bytes", "downlink_bytes",
-                     "downlink_eval_bytes", "uplink_none_bytes", "encode_seconds",
-                     "decode_seconds", "node_decode_seconds"):
+                     "downlink_eval_bytes", "uplink_none_bytes", "downlink_none_bytes",
+                     "encode_seconds", "decode_seconds", "node_decode_seconds"):
             setattr(tot, name, sum(getattr(r, name) for r in rows))
         tot.total_bytes = sum(r.total_bytes for r in rows)
-        tot.uplink_ratio = (tot.uplink_none_bytes / tot.uplink_bytes
-                            if tot.uplink_bytes else None)
+        tot.total_none_bytes = sum(r.total_none_bytes for r in rows)
+        tot.uplink_ratio = ratio(tot.uplink_none_bytes, tot.uplink_bytes)
+        if all(r.downlink_none_bytes for r in rows):  # (older results: not recorded)
+            tot.total_ratio = ratio(tot.total_none_bytes, tot.total_bytes) or 0.0
         return tot
 
 

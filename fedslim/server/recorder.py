@@ -18,7 +18,7 @@ from fedslim import __version__
 from fedslim.config import RunConfig
 from fedslim.console import FRAMEWORK_LOG
 from fedslim.protocol import CHECKPOINT_FILE, RESULTS_FILE
-from fedslim.report import FinalReport, RoundReport, RunResults
+from fedslim.report import CommTotals, FinalReport, RoundReport, RunResults
 from fedslim.server.storage import atomic_write_bytes
 
 
@@ -62,13 +62,22 @@ class RunRecorder:
             parts.append(f"down {(r.comm.downlink_bytes + r.comm.downlink_eval_bytes) / 1e6:.3f}"
                          " MB")
             if r.comm.uplink_ratio:
-                parts.append(f"ratio x{r.comm.uplink_ratio:.1f}")
+                parts.append(f"up x{r.comm.uplink_ratio:.1f}")
+            total = self._total_ratio()
+            if total:
+                parts.append(f"total x{total:.1f} so far")
         if r.rejects:
             parts.append(f"[yellow]{len(r.rejects)} rejected[/yellow]")
         if r.distill is not None:
             parts.append(f"student {r.distill.student_test_accuracy:.4f}")
         parts.append(f"{r.round_seconds:.2f}s")
         return " | ".join(parts)
+
+    def _total_ratio(self) -> float | None:
+        """All traffic so far, both directions, against plain float32 (cumulative: the
+        first round's full model is the largest message of a run)."""
+        totals = CommTotals.of(self.history)
+        return totals.total_ratio if totals is not None else None
 
     def print_header(self, cfg: RunConfig, start_round: int) -> None:
         self.console.print(
@@ -81,6 +90,9 @@ class RunRecorder:
         parts = [f"test accuracy {final.test_accuracy:.4f}"]
         if final.comm is not None and final.comm.uplink_ratio:
             parts.append(f"uplink x{final.comm.uplink_ratio:.1f}")
+        if final.comm is not None and final.comm.total_ratio:
+            parts.append(f"all traffic {final.comm.total_bytes / 1e6:.3f} MB = "
+                         f"x{final.comm.total_ratio:.1f} less than plain float32")
         if final.student is not None:
             parts.append(f"student {final.student.test_accuracy:.4f} "
                          f"({final.student.params:,} params)")

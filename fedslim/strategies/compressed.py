@@ -40,8 +40,8 @@ from flwr.serverapp.strategy import Strategy
 from fedslim.compression import PipelineSpec, parse_spec
 from fedslim.compression.auto import DOWNLINK_AUTO, AutoSpec, parse_auto, resolve
 from fedslim.errors import FedslimError
-from fedslim.flower_io import message_bytes, to_state, unfold_reply
-from fedslim.protocol import DOWN, INIT_FAILED, UP, DownlinkHeader, UplinkHeader
+from fedslim.flower_io import content_bytes, message_bytes, to_state, unfold_reply
+from fedslim.protocol import DELTA, DOWN, INIT_FAILED, UP, DownlinkHeader, UplinkHeader
 from fedslim.report import Reject, RoundCollector, RoundReport
 from fedslim.strategies.aggregate import State, float_keys
 from fedslim.strategies.downlink import Downlink
@@ -172,6 +172,7 @@ class Compressed(StrategyWrapper):
         self.ledger = ByteLedger()
         self.decoder = UplinkDecoder()
         self._arrays_key: str | None = None
+        self._model_bytes: tuple[ArrayRecord | None, int] = (None, 0)  # see _plain_size
         self._round = 0
         self.aggregate_seconds = 0.0  # the wrapped strategy's last aggregate_train
         self.shared_init = shared_init and self.downlink.compress
@@ -211,9 +212,18 @@ class Compressed(StrategyWrapper):
             new = Message(content=content, dst_node_id=node,
                           message_type=msg.metadata.message_type,
                           group_id=msg.metadata.group_id)
-            self.ledger.sent(new, kind)
+            self.ledger.sent(new, kind, self._plain_size(new, kind, msg.content.array_records[key]))
             out.append(new)
         return out
+
+    def _plain_size(self, sent: Message, kind: str, model: ArrayRecord) -> int:
+        """``sent``'s size as the wrapped strategy made it: without fedslim's header and
+        chain, with the full model (its serialized size measured once per model)."""
+        if self._model_bytes[0] is not model:
+            self._model_bytes = (model, content_bytes(model))
+        ours = [sent.content[k] for k in (DOWN, DELTA) if k in sent.content]
+        size = message_bytes(sent) - sum(content_bytes(record) for record in ours)
+        return size + (self._model_bytes[1] if kind != "full" else 0)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -4,7 +4,9 @@ The size of a message is the sum of its inflatable objects' serialized lengths (
 header, RecordDict, each record and each array) -- what Flower puts on the wire, not
 ``numel * 4``. ``uplink_none_bytes`` is the same measure taken on the plain-float32
 version of each train reply (the reply handed to the wrapped strategy), so the uplink ratio
-compares like with like and is exactly 1.0 for ``uplink=none``.
+compares like with like and is exactly 1.0 for ``uplink=none``. ``downlink_none_bytes`` is
+the size of each instruction as the wrapped strategy made it (the full float32 model), so
+``total_ratio`` is all traffic, both directions, against stock Flower's.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from flwr.app import Message, MessageType
 
 from fedslim.flower_io import message_bytes
-from fedslim.report import CommReport, NodeBytes
+from fedslim.report import CommReport, NodeBytes, ratio
 
 
 class ByteLedger:
@@ -27,10 +29,12 @@ class ByteLedger:
     def _node(self, node: int) -> NodeBytes:
         return self.report.per_node.setdefault(str(node), NodeBytes())
 
-    def sent(self, msg: Message, kind: str) -> int:
-        """Count an instruction; ``kind``: ``full``, ``delta``, ``current``, ``init``, ``key``."""
+    def sent(self, msg: Message, kind: str, plain: int | None = None) -> int:
+        """Count an instruction; ``kind``: ``full``, ``delta``, ``current``, ``init``, ``key``;
+        ``plain``: its size as the wrapped strategy made it (default: as sent)."""
         size = message_bytes(msg)
         r = self.report
+        r.downlink_none_bytes += size if plain is None else plain
         if msg.metadata.message_type == MessageType.TRAIN:
             r.downlink_bytes += size
         else:
@@ -74,7 +78,8 @@ class ByteLedger:
 
     def close(self) -> CommReport:
         r = self.report
-        r.uplink_ratio = r.uplink_none_bytes / r.uplink_bytes if r.uplink_bytes else None
+        r.uplink_ratio = ratio(r.uplink_none_bytes, r.uplink_bytes)
+        r.total_ratio = ratio(r.total_none_bytes, r.total_bytes) or 0.0
         if r.kept_replies:
             r.kept_per_tensor = {k: v / r.kept_replies for k, v in r.kept_per_tensor.items()}
         return r

@@ -151,3 +151,4 @@ def test_the_defaults_learn_and_compress_every_message(tmp_path):
     assert comm["uplink_ratio"] > 50 and comm["rejected_replies"] == 0
     # downlink (train + evaluate messages) compressed too: all traffic >= 50x below float32
     assert comm["total_bytes"] * 50 < 2 * comm["uplink_none_bytes"]
+    assert comm["total_ratio"] > 50  # the same, as the ledger reports it

@@ -65,6 +65,7 @@ def test_plain_wrapper_is_stock_flower_bit_for_bit():
     report = wrapped.collector.current
     assert report is not None and report.comm is not None
     assert report.comm.uplink_ratio == 1.0
+    assert report.comm.total_ratio == 1.0  # both directions as stock Flower sent them
 
 
 STRATEGIES = {**STACKS, "fedslim-avgm": lambda: FedslimFedAvg(server_opt=ServerOpt.AVGM,
@@ -92,6 +93,12 @@ def test_compressed_under_any_strategy(name):
     assert ledger_up == sum(grid.bytes_up)
     # Pushed messages gain a message id, run id and timestamp (<= 64 bytes) after counting.
     assert 0 <= sum(grid.bytes_down) - ledger_down <= 64 * len(grid.bytes_down)
+    # Round 1's train messages carry the full model: plain, each is the message less
+    # fedslim's header (a few hundred bytes); later messages carry steps, far smaller.
+    first, last = reports[0].comm, reports[-1].comm
+    assert first.downlink_none_bytes > first.downlink_bytes - 600 * NODES
+    assert last.downlink_none_bytes > 2 * (last.downlink_bytes + last.downlink_eval_bytes)
+    assert 1 < last.total_ratio < last.total_none_bytes / max(last.uplink_bytes, 1)
 
 
 def test_client_and_server_copies_stay_bit_identical_with_missed_rounds():
