@@ -57,7 +57,8 @@ def prepare_simulation(overrides: dict[str, Any], num_clients: int
                        ) -> tuple[RunConfig, Path, str | None]:
     """Every check that can fail on user input, before anything starts.
 
-    Returns the parsed config, the (created) output directory and a notice, if any.
+    Returns the parsed config, the (created) output directory and a notice, if any;
+    ``overrides["output-dir"]`` is set to that directory (``{run}`` expanded).
     Raises ConfigError naming the key or flag.
     """
     import_path_for_workers()
@@ -66,6 +67,9 @@ def prepare_simulation(overrides: dict[str, Any], num_clients: int
     check_data_dir(cfg)
     check_budget(cfg)
     outdir, notice = check_output_dir(cfg)
+    if str(outdir) != cfg.fed.output_dir:  # `{run}` expanded: every process uses this one
+        overrides["output-dir"] = str(outdir)
+        cfg = parse_run_config(overrides=overrides)
     notes = [n for n in (notice, envelope_notice(cfg), adaptive_server_notice(cfg)) if n]
     return cfg, outdir, "\n".join(notes) or None
 

@@ -173,11 +173,18 @@ class FederationConfig:
         "a round; the run ends with an error after that.", low=0.0, low_open=True))
     seed: int = field(default=42, metadata=key(
         "seed", "Seed for splits, partitions, initial model, client shuffling.", low=0))
-    output_dir: str = field(default="outputs/fedslim", metadata=key(
+    output_dir: str = field(default="outputs/fedslim/{run}", metadata=key(
         "output-dir", "Where results.json, the model and checkpoints go (relative paths "
-        "are resolved against the server process' working directory)."))
+        "are resolved against the server process' working directory). `{run}` is replaced "
+        "by a fresh name per run (`fedslim simulate` and `fedslim.deploy`: the start time, "
+        "e.g. 20261203-154501; `flwr run`: run-<run id>); with `resume=true`, by the newest "
+        "run there that has a checkpoint. A directory holding an earlier run's results is "
+        "refused unless `resume` or `overwrite` is true."))
     resume: bool = field(default=False, metadata=key(
         "resume", "Continue from the last complete checkpoint in output-dir."))
+    overwrite: bool = field(default=False, metadata=key(
+        "overwrite", "Start afresh in an output-dir that holds an earlier run's results, "
+        "replacing them (without it such a directory is refused before anything starts)."))
     plugins: str = field(default="", metadata=key(
         "plugins", "Comma-separated modules to import first in every process (CLI, "
         "ServerApp, each ClientApp): they register your models, data sets, partitioners "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from fedslim import outdir
 from fedslim.compression import encode_update
 from fedslim.compression.auto import compresses
 from fedslim.compression.spec import PipelineSpec
@@ -34,12 +35,14 @@ def check_federation_size(cfg: RunConfig, num_clients: int, flag: str = "--num-c
 
 
 def check_output_dir(cfg: RunConfig) -> tuple[Path, str | None]:
-    """Create ``output-dir`` (or fail in one line); return it and a notice, if any.
+    """Create ``output-dir`` (``{run}`` expanded: :mod:`fedslim.outdir`) or fail in one
+    line; return it and a notice, if any. A directory with an earlier run's results is
+    refused unless ``resume`` or ``overwrite``.
 
     ``resume=true`` on a directory without a checkpoint starts from round 1 and says so
     (the notice); it is not an error, so the same command can start and continue a run.
     """
-    raw = cfg.fed.output_dir
+    raw = outdir.expand(cfg.fed.output_dir, cfg.fed.resume)
     out = Path(raw).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"run-config key 'output-dir' (--output-dir): {raw!r} is a file, "
@@ -52,6 +55,7 @@ def check_output_dir(cfg: RunConfig) -> tuple[Path, str | None]:
     if not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError(f"run-config key 'output-dir' (--output-dir): {raw!r} is not "
                           "writable")
+    outdir.check_fresh(out, cfg.fed.resume, cfg.fed.overwrite)
     notice = None
     if cfg.fed.resume and not (out / CHECKPOINT_FILE).exists():
         notice = (f"resume=true: {out} holds no {CHECKPOINT_FILE}; starting from round 1")

@@ -26,7 +26,7 @@ def test_plugin_names_resolve_and_unknown_ones_list_the_known():
         parse_run_config({"plugins": "tests.plugins.nope"})
     with pytest.raises(ConfigError, match="not module names"):
         parse_run_config({"plugins": "a b"})
-    with pytest.raises(ConfigError, match=r"unknown dataset 'nope'.*'blobs'.*'digits'"):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'nope'.*blobs.*digits"):
         parse_run_config({**BLOBS, "dataset": "nope"})
 
 

@@ -28,6 +28,7 @@ from fedslim.client.mod import make_compression_mod
 from fedslim.config import RunConfig, parse_run_config
 from fedslim.errors import UpdateRejected
 from fedslim.flower_io import to_state
+from fedslim.outdir import expand
 from fedslim.protocol import (
     ARRAYS,
     CONFIG,
@@ -112,7 +113,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
 
     def state_dir(context: Context) -> Path | None:
         cfg = parse_run_config(context.run_config, overrides)
-        return Path(cfg.fed.output_dir).expanduser() / "client-state"
+        out = expand(cfg.fed.output_dir, name=f"run-{context.run_id}")
+        return Path(out).expanduser() / "client-state"
 
     def spill(context: Context) -> bool:
         return parse_run_config(context.run_config, overrides).comp.spill_client_state

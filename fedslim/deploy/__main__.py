@@ -67,6 +67,7 @@ def deploy(
         if str(app) not in sys.path:
             sys.path.insert(0, str(app))
         cfg, send = resolve_run_config(overrides)
+        overrides["output-dir"] = send["output-dir"]  # `{run}` expanded once
         for notice in (envelope_notice(cfg), adaptive_server_notice(cfg)):
             if notice is not None:
                 typer.secho(notice, fg=typer.colors.YELLOW, err=True)

@@ -95,9 +95,11 @@ def resolve_run_config(run_config: Mapping[str, PathValue]
     processes with other working directories.
     """
     cfg = parse_run_config(overrides=run_config)
+    out, _ = check_output_dir(cfg)  # created, `{run}` expanded (refused if taken)
+    cfg = parse_run_config(overrides={**run_config, "output-dir": str(out)})
     flat = cfg.to_flat()
     send: dict[str, PathValue] = {k: flat[k] for k in run_config}
-    send["output-dir"] = _absolute(cfg.fed.output_dir)
+    send["output-dir"] = str(out)
     if cfg.data.data_dir:
         send["data-dir"] = _absolute(cfg.data.data_dir)
     return cfg, send
@@ -399,7 +401,6 @@ def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
     check_federation_size(cfg, num_clients)
     check_data_dir(cfg)
     check_budget(cfg)
-    check_output_dir(cfg)
     results = Path(str(send["output-dir"])) / RESULTS_FILE
     deadline = time.monotonic() + timeout
     dep = LocalDeployment(num_clients, workdir, min_nodes=cfg.fed.min_train_nodes,

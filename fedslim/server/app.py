@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedslim.config import RunConfig, parse_run_config
 from fedslim.console import FRAMEWORK_LOG, framework_logs
 from fedslim.errors import CheckpointError, FedslimError
+from fedslim.outdir import check_fresh, expand
 from fedslim.protocol import MODEL_FILE
 from fedslim.report import (
     Central,
@@ -54,8 +55,8 @@ from fedslim.task.models import count_params, seeded_model
 from fedslim.task.train import evaluate, select_device
 
 # Keys that may differ between an interrupted run and its resumption.
-RESUME_FREE_KEYS = {"num-server-rounds", "resume", "output-dir", "progress", "round-timeout",
-                    "verbose", "node-timeout"}
+RESUME_FREE_KEYS = {"num-server-rounds", "resume", "overwrite", "output-dir", "progress",
+                    "round-timeout", "verbose", "node-timeout"}
 
 
 def initial_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
@@ -250,6 +251,7 @@ class ServerRun:
 def run_server(grid: Grid, cfg: RunConfig) -> RunResults:
     """Run the whole federation; returns the final results (also in ``results.json``)."""
     outdir = Path(cfg.fed.output_dir).expanduser().resolve()
+    check_fresh(outdir, cfg.fed.resume, cfg.fed.overwrite)
     outdir.mkdir(parents=True, exist_ok=True)
     if isinstance(getattr(grid, "pull_interval", None), float):
         # Flower's in-memory (simulation) grid polls for replies every 0.1 s, twice per
@@ -274,7 +276,11 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, parse_run_config(context.run_config, overrides))
+        cfg = parse_run_config(context.run_config, overrides)
+        # `{run}` left for each process (flwr run): run-<run id>, as the ClientApps name it
+        out = expand(cfg.fed.output_dir, cfg.fed.resume, name=f"run-{context.run_id}")
+        run_server(grid, dataclasses.replace(
+            cfg, fed=dataclasses.replace(cfg.fed, output_dir=out)))
 
     return server_app
 
