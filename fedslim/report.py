@@ -225,6 +225,30 @@ class StudentReport:
 
 
 @dataclass
+class Confusion:
+    """Where the final global model errs on the test split (rows: true class, columns:
+    predicted class)."""
+
+    matrix: list[list[int]]
+    per_class_accuracy: list[float]  # NaN for a class absent from the test split
+    most_confused: list[list[int]]   # [true, predicted, count], largest first (<= 5)
+
+
+@dataclass
+class ClientAccuracy:
+    """The global model on each client's own evaluation split (the last round's
+    federated evaluation): how evenly it serves the federation."""
+
+    round: int
+    clients: int
+    mean: float
+    min: float
+    p10: float
+    median: float
+    max: float
+
+
+@dataclass
 class FinalReport:
     test_accuracy: float
     test_loss: float
@@ -238,6 +262,8 @@ class FinalReport:
     comm: CommTotals | None = None
     student: StudentReport | None = None
     error: str | None = None         # set when the run ended without a usable model
+    confusion: Confusion | None = None
+    client_accuracy: ClientAccuracy | None = None
 
 
 @dataclass

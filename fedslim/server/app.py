@@ -44,6 +44,7 @@ from fedslim.report import (
     from_dict,
 )
 from fedslim.server.recorder import RunRecorder
+from fedslim.server.run_report import client_summary, confusion, write_run_report
 from fedslim.server.storage import Checkpoint, load_checkpoint, save_checkpoint, save_model
 from fedslim.strategies.compressed import Compressed
 from fedslim.strategies.distill import Distilled, Distiller
@@ -242,9 +243,19 @@ class ServerRun:
         if error is None and history and final.rounds_aggregated == 0:
             final.error = ("no round aggregated: every train reply was rejected or failed "
                            "(see rounds[i].rejects); the saved model is the initial one")
+        final.confusion = confusion(self.model, self.splits.test, self.splits.num_classes,
+                                    self.device)
+        evaluated_round, accuracy = self.stack.compressed.client_accuracy
+        final.client_accuracy = client_summary(evaluated_round, accuracy)
         self.recorder.write(final)
+        try:
+            files = write_run_report(self.outdir, self.recorder.results(final), final,
+                                     accuracy)
+        except (OSError, ValueError, RuntimeError) as exc:  # results.json is written
+            files = []
+            self.recorder.console.print(f"[yellow]report.md not written[/yellow]: {exc}")
         if cfg.fed.progress:
-            self.recorder.print_summary(final)
+            self.recorder.print_summary(final, files)
         return self.recorder.results(final)
 
 

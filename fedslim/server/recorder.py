@@ -85,9 +85,13 @@ class RunRecorder:
             f"{cfg.data.partitioning} partitions, strategy {cfg.fed.strategy}, uplink "
             f"{cfg.comp.uplink}, rounds {start_round + 1}..{cfg.fed.num_server_rounds}")
 
-    def print_summary(self, final: FinalReport) -> None:
+    def print_summary(self, final: FinalReport, report_files: list[str] | None = None
+                      ) -> None:
         """One summary: the figures, and every file written."""
         parts = [f"test accuracy {final.test_accuracy:.4f}"]
+        if final.confusion is not None and final.confusion.most_confused:
+            true, pred, count = final.confusion.most_confused[0]
+            parts.append(f"most confused {true}->{pred} ({count}x)")
         if final.comm is not None and final.comm.uplink_ratio:
             parts.append(f"uplink x{final.comm.uplink_ratio:.1f}")
         if final.comm is not None and final.comm.total_ratio:
@@ -103,6 +107,7 @@ class RunRecorder:
         files = [RESULTS_FILE, final.model_file, CHECKPOINT_FILE]
         if final.student is not None:
             files += [final.student.file, final.student.int8_file]
+        files += report_files or []
         if (self.outdir / FRAMEWORK_LOG).exists():
             files.append(f"{FRAMEWORK_LOG} (Flower/Ray logs)")
         self.console.print(f"wrote {self.outdir}/: " + ", ".join(files))

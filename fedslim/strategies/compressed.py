@@ -41,7 +41,15 @@ from fedslim.compression import PipelineSpec, parse_spec
 from fedslim.compression.auto import DOWNLINK_AUTO, AutoSpec, parse_auto, resolve
 from fedslim.errors import FedslimError
 from fedslim.flower_io import content_bytes, message_bytes, to_state, unfold_reply
-from fedslim.protocol import DELTA, DOWN, INIT_FAILED, UP, DownlinkHeader, UplinkHeader
+from fedslim.protocol import (
+    DELTA,
+    DOWN,
+    INIT_FAILED,
+    PARTITION_ID,
+    UP,
+    DownlinkHeader,
+    UplinkHeader,
+)
 from fedslim.report import Reject, RoundCollector, RoundReport
 from fedslim.strategies.aggregate import State, float_keys
 from fedslim.strategies.downlink import Downlink
@@ -177,6 +185,8 @@ class Compressed(StrategyWrapper):
         self.aggregate_seconds = 0.0  # the wrapped strategy's last aggregate_train
         self.shared_init = shared_init and self.downlink.compress
         self.streaming_wanted = stream
+        # the last federated evaluation: (round, client -> accuracy on its own split)
+        self.client_accuracy: tuple[int, dict[str, float]] = (0, {})
 
     def summary(self) -> None:
         up, down = self.settings
@@ -335,6 +345,7 @@ class Compressed(StrategyWrapper):
                            ) -> MetricRecord | None:
         report = self._report(server_round)
         ok: list[Message] = []
+        accuracy: dict[str, float] = {}
         for msg in replies:
             self.ledger.received(msg)
             if msg.has_error():
@@ -350,6 +361,8 @@ class Compressed(StrategyWrapper):
                 continue
             self._evaluate_ack(msg, server_round)
             ok.append(msg)
+            _client_accuracy(accuracy, msg)
+        self.client_accuracy = (server_round, accuracy)
         report.evaluate_replies = len(ok)
         report.evaluate_failures = sum(r.phase == "evaluate" for r in report.rejects)
         metrics = self.strategy.aggregate_evaluate(server_round, ok) if ok else None
@@ -392,6 +405,22 @@ class Compressed(StrategyWrapper):
 
         self.downlink.load_state_dict({k[len("downlink/"):]: v for k, v in state.items()
                                        if k.startswith("downlink/")})
+
+
+ACCURACY_KEYS = ("eval-accuracy", "eval_acc", "accuracy")
+"""Where an evaluate reply's accuracy is (fedslim's ClientApp, Flower's quickstarts)."""
+
+
+def _client_accuracy(into: dict[str, float], msg: Message) -> None:
+    """Note a (validated) evaluate reply's own-split accuracy, if it has one, under its
+    partition id (a claimed one already taken, or none: its node id)."""
+    metrics = scalar_metrics(next(iter(msg.content.metric_records.values()), None))
+    acc = next((metrics[k] for k in ACCURACY_KEYS if k in metrics), None)
+    if acc is None or not 0.0 <= acc <= 1.0 or metrics.get("num-examples", 1) <= 0:
+        return
+    pid = metrics.get(PARTITION_ID)
+    who = f"partition-{int(pid)}" if pid is not None and float(pid).is_integer() else ""
+    into[who if who and who not in into else f"node-{msg.metadata.src_node_id}"] = acc
 
 
 def _shown(pipeline: PipelineSpec | AutoSpec) -> str:

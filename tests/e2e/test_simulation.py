@@ -34,6 +34,17 @@ def test_three_clients_two_rounds(tmp_path):
     model.load_state_dict(state)  # loads into the registry's architecture
     assert res["model"]["num_params"] == sum(p.numel() for p in model.parameters())
     assert (tmp_path / "run" / "checkpoint.safetensors").exists()
+    # what a person reads: report.md with the curves, the confusion matrix, the clients
+    out = tmp_path / "run"
+    for name in ("report.md", "rounds.csv", "curves.png", "confusion.png", "clients.csv",
+                 "clients.png"):
+        assert (out / name).stat().st_size > 0, name
+    conf = res["final"]["confusion"]
+    assert sum(map(sum, conf["matrix"])) == res["data"]["test"]
+    assert res["final"]["client_accuracy"]["clients"] == 3
+    report = (out / "report.md").read_text()
+    assert f"{res['final']['test_accuracy']:.4f}" in report and "confusion.png" in report
+    assert len((out / "rounds.csv").read_text().splitlines()) == 1 + 2
 
 
 @pytest.mark.parametrize("uplink", ["none", "topk:0.1|q:4"])
