@@ -162,6 +162,13 @@ class FederationConfig:
     fraction_evaluate: float = field(default=1.0, metadata=key(
         "fraction-evaluate", "Fraction of nodes sampled for federated evaluation; 0 "
         "disables it.", low=0.0, high=1.0))
+    early_stop_patience: int = field(default=0, metadata=key(
+        "early-stop-patience", "Stop the federation after this many rounds without a gain "
+        "in the server's validation accuracy above `early-stop-min-delta` (0: never); the "
+        "best round's model is kept in output-dir/best-model.safetensors.", low=0))
+    early_stop_min_delta: float = field(default=0.0, metadata=key(
+        "early-stop-min-delta", "The validation-accuracy gain (a fraction, e.g. 0.002) that "
+        "counts as an improvement for `early-stop-patience`.", low=0.0, high=1.0))
     min_train_nodes: int = field(default=2, metadata=key(
         "min-train-nodes", "Minimum replies a round needs to update the model.", low=1))
     min_available_nodes: int = field(default=2, metadata=key(

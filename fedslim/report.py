@@ -264,6 +264,16 @@ class FinalReport:
     error: str | None = None         # set when the run ended without a usable model
     confusion: Confusion | None = None
     client_accuracy: ClientAccuracy | None = None
+    best: BestRound | None = None    # the round with the best validation accuracy
+    stopped_early: str | None = None  # why the federation stopped before its last round
+
+
+@dataclass
+class BestRound:
+    round: int
+    val_accuracy: float
+    test_accuracy: float
+    model_file: str | None = None    # with early stopping: that round's model
 
 
 @dataclass

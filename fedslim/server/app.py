@@ -43,6 +43,7 @@ from fedslim.report import (
     RunResults,
     from_dict,
 )
+from fedslim.server.early_stop import EarlyStop, StopFederation
 from fedslim.server.recorder import RunRecorder
 from fedslim.server.run_report import client_summary, confusion, write_run_report
 from fedslim.server.storage import Checkpoint, load_checkpoint, save_checkpoint, save_model
@@ -57,7 +58,8 @@ from fedslim.task.train import evaluate, select_device
 
 # Keys that may differ between an interrupted run and its resumption.
 RESUME_FREE_KEYS = {"num-server-rounds", "resume", "overwrite", "output-dir", "progress",
-                    "round-timeout", "verbose", "node-timeout"}
+                    "round-timeout", "verbose", "node-timeout", "early-stop-patience",
+                    "early-stop-min-delta"}
 
 
 def initial_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
@@ -141,6 +143,8 @@ class ServerRun:
     stack: Stack
     recorder: RunRecorder
     start_round: int
+    early_stop: EarlyStop
+    stopped_early: str | None = None
 
     @classmethod
     def prepare(cls, cfg: RunConfig, outdir: Path) -> ServerRun:
@@ -164,7 +168,8 @@ class ServerRun:
             model={"name": cfg.train.model, "num_params": count_params(model)},
             data={"clients_pool": len(splits.clients), "val": len(splits.val),
                   "test": len(splits.test), "proxy": len(splits.proxy_x)})
-        return cls(cfg, outdir, splits, device, model, stack, recorder, start_round)
+        early = EarlyStop(cfg.fed.early_stop_patience, cfg.fed.early_stop_min_delta, outdir)
+        return cls(cfg, outdir, splits, device, model, stack, recorder, start_round, early)
 
     def central_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower's ``evaluate_fn``: evaluate, close the round, record and checkpoint it."""
@@ -184,6 +189,9 @@ class ServerRun:
             report = RoundReport(round=server_round + self.start_round, central=central)
         report.resources = self._resources(report, evaluate_seconds)
         self.recorder.record_round(report)
+        stop = self.early_stop.observe(self.recorder.history, self.model,
+                                       {"model": self.cfg.train.model,
+                                        "fedslim": "best-global-model"})
         save_checkpoint(self.outdir, Checkpoint(
             round=report.round,
             model={k: v.clone() for k, v in self.model.state_dict().items()},
@@ -191,6 +199,9 @@ class ServerRun:
             history=[dataclasses.asdict(h) for h in self.recorder.history],
             config=self.recorder.config))
         self.recorder.write()
+        if stop is not None and report.round < self.cfg.fed.num_server_rounds:
+            self.stopped_early = f"stopped after round {report.round}: {stop}"
+            raise StopFederation(self.stopped_early)
         return metrics
 
     def _resources(self, report: RoundReport, evaluate_seconds: float) -> Resources:
@@ -213,6 +224,12 @@ class ServerRun:
         remaining = self.cfg.fed.num_server_rounds - self.start_round
         if remaining <= 0:
             return
+        try:
+            self._start(grid, remaining)
+        except StopFederation:  # the model is the last round's (central_evaluate loaded it)
+            pass
+
+    def _start(self, grid: Grid, remaining: int) -> None:
         result = self.stack.strategy.start(
             grid=grid, initial_arrays=ArrayRecord(self.model.state_dict()),
             num_rounds=remaining, timeout=self.cfg.fed.round_timeout,
@@ -243,6 +260,8 @@ class ServerRun:
         if error is None and history and final.rounds_aggregated == 0:
             final.error = ("no round aggregated: every train reply was rejected or failed "
                            "(see rounds[i].rejects); the saved model is the initial one")
+        final.best = self.early_stop.final(history)
+        final.stopped_early = self.stopped_early
         final.confusion = confusion(self.model, self.splits.test, self.splits.num_classes,
                                     self.device)
         evaluated_round, accuracy = self.stack.compressed.client_accuracy

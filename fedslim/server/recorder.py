@@ -100,11 +100,18 @@ class RunRecorder:
         if final.student is not None:
             parts.append(f"student {final.student.test_accuracy:.4f} "
                          f"({final.student.params:,} params)")
+        if final.best is not None and final.best.model_file:
+            parts.append(f"best round {final.best.round} (val {final.best.val_accuracy:.4f}, "
+                         f"test {final.best.test_accuracy:.4f})")
         style = "red" if final.error else "bold"
         self.console.print(f"[{style}]done[/{style}]: " + ", ".join(parts))
         if final.error:
             self.console.print(f"[red]error[/red]: {final.error}")
+        if final.stopped_early:
+            self.console.print(f"early stop: {final.stopped_early}")
         files = [RESULTS_FILE, final.model_file, CHECKPOINT_FILE]
+        if final.best is not None and final.best.model_file:
+            files.append(final.best.model_file)
         if final.student is not None:
             files += [final.student.file, final.student.int8_file]
         files += report_files or []

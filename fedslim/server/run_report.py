@@ -196,6 +196,12 @@ def _markdown(res: RunResults, final: FinalReport, files: list[str]) -> str:
                  ("all traffic, both ways", f"{comm.total_bytes / 1e6:.3f} MB"
                   + (f", x{comm.total_ratio:.1f} vs float32" if comm.total_ratio else "")),
                  ("rejected replies", str(comm.rejected_replies))]
+    if final.best is not None:
+        rows.append(("best round (validation)", f"{final.best.round}: val "
+                     f"{final.best.val_accuracy:.4f}, test {final.best.test_accuracy:.4f}"
+                     + (f" (`{final.best.model_file}`)" if final.best.model_file else "")))
+    if final.stopped_early:
+        rows.append(("early stop", final.stopped_early))
     if final.student is not None:
         rows.append(("student", f"{final.student.test_accuracy:.4f} "
                                 f"({final.student.params:,} parameters)"))

@@ -163,3 +163,16 @@ def test_the_defaults_learn_and_compress_every_message(tmp_path):
     # downlink (train + evaluate messages) compressed too: all traffic >= 50x below float32
     assert comm["total_bytes"] * 50 < 2 * comm["uplink_none_bytes"]
     assert comm["total_ratio"] > 50  # the same, as the ledger reports it
+
+
+def test_early_stopping_ends_the_federation_and_keeps_the_best_round(tmp_path):
+    """A gain of more than 1.0 in accuracy is impossible: with patience 1 the federation
+    stops after round 2 of 6, and round 1's model is the best one kept."""
+    res = simulate(tmp_path / "run", 3, 6, "-c", "early-stop-patience=1",
+                   "-c", "early-stop-min-delta=1.0", "-c", "local-epochs=1")
+    final = res["final"]
+    assert [r["round"] for r in res["rounds"]] == [1, 2]
+    assert final["error"] is None and final["rounds_completed"] == 2
+    assert "stopped after round 2" in final["stopped_early"]
+    assert final["best"]["round"] == 1 and final["best"]["model_file"] == "best-model.safetensors"
+    assert (tmp_path / "run" / "best-model.safetensors").exists()
