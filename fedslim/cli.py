@@ -53,6 +53,41 @@ def simulation_backend_config(num_cpus_per_client: float, gpus_per_client: float
             "init_args": init_args}
 
 
+def app_run_config(app_dir: Path) -> dict[str, Any]:
+    """``[tool.flwr.app.config]`` of the Flower app in ``app_dir`` (flattened as ``flwr run``
+    reads it); empty without a pyproject.toml or without that table.
+
+    Raises
+    ------
+    ConfigError
+        If the file is not valid TOML or its config holds values Flower does not accept.
+    """
+    import tomllib
+
+    from flwr.common.config import flatten_dict
+
+    path = app_dir / "pyproject.toml"
+    if not path.is_file():
+        return {}
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        config = table.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+        return dict(flatten_dict(config)) if isinstance(config, dict) else {}
+    except (tomllib.TOMLDecodeError, ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read [tool.flwr.app.config]: {exc}") from None
+
+
+def app_config_notice(base: dict[str, Any], app_dir: Path) -> str | None:
+    """One line naming the app's keys that differ from fedslim's defaults (none: None)."""
+    defaults = parse_run_config().to_flat()
+    changed = {k: v for k, v in base.items() if defaults.get(k, object()) != v}
+    if not changed:
+        return None
+    shown = ", ".join(f"{k}={v}" for k, v in changed.items())
+    return (f"run config from {app_dir / 'pyproject.toml'}: {shown} "
+            "(flags and -c override it; --app-dir NONE ignores it)")
+
+
 def prepare_simulation(overrides: dict[str, Any], num_clients: int
                        ) -> tuple[RunConfig, Path, str | None]:
     """Every check that can fail on user input, before anything starts.
@@ -176,16 +211,26 @@ def simulate(
     output_dir: Annotated[str | None, typer.Option(help="output-dir")] = None,
     run_config: Annotated[list[str] | None, typer.Option(
         "--run-config", "-c", help="key=value run-config override (repeatable)")] = None,
+    app_dir: Annotated[str, typer.Option(
+        help="A Flower app directory whose pyproject.toml [tool.flwr.app.config] is the "
+        "base run config, as `flwr run` reads it (NONE: fedslim's defaults only)")] = ".",
     cpus_per_client: Annotated[float, typer.Option(help="Ray CPUs per client")] = 1.0,
     gpus_per_client: Annotated[float, typer.Option(help="Ray GPU share per client")] = 0.0,
     verbose: Annotated[bool, typer.Option(
         "--verbose", help="Show Flower's and Ray's logs (default: <output-dir>/flower.log)")
     ] = False,
 ) -> None:
-    """Run a federation in Flower's simulation engine: one line per round, then a summary."""
+    """Run a federation in Flower's simulation engine: one line per round, then a summary.
+
+    The run config is fedslim's defaults, then the app's pyproject.toml (`--app-dir`,
+    default: the current directory; as `flwr run` reads it), then the flags and `-c`.
+    """
     import_path_for_workers()
+    app_notice = None
     try:
-        overrides: dict[str, Any] = parse_cli_overrides(run_config)
+        base = {} if app_dir == "NONE" else app_run_config(Path(app_dir))
+        app_notice = app_config_notice(base, Path(app_dir)) if base else None
+        overrides: dict[str, Any] = {**base, **parse_cli_overrides(run_config)}
         for key, value in (("num-server-rounds", rounds), ("partitioning", partitioning),
                            ("dirichlet-alpha", dirichlet_alpha), ("output-dir", output_dir)):
             if value is not None:
@@ -195,8 +240,9 @@ def simulate(
         cfg, outdir, notice = prepare_simulation(overrides, num_clients)
     except FedslimError as exc:
         _error(str(exc), 2)
-    if notice:
-        typer.secho(notice, fg=typer.colors.YELLOW, err=True)
+    for line in (app_notice, notice):
+        if line:
+            typer.secho(line, fg=typer.colors.YELLOW, err=True)
     tag = f"fedslim-simulate-{os.getpid()}-{time.time_ns()}"
     os.environ[TAG_ENV] = tag  # every process Ray starts inherits it: how we find them
     # The handler stops everything itself: a KeyboardInterrupt raised inside Flower's

@@ -57,6 +57,23 @@ def test_flwr_run_of_the_example_app(app: Path) -> None:
     assert res.final.error is None and len(res.rounds) == 2
 
 
+def test_simulate_and_flwr_run_give_the_same_model_for_the_same_app(app: Path) -> None:
+    """`fedslim simulate` in the app's directory reads its pyproject.toml as `flwr run`
+    does: the same config, hence (same seed) the same model bits, as the run above."""
+    flwr_out = app / "out-flwr"
+    if not (flwr_out / "model.safetensors").exists():
+        pytest.skip("needs test_flwr_run_of_the_example_app's run")
+    out = app / "out-sim-same"
+    _run([sys.executable, "-m", "fedslim.cli", "simulate", "--num-clients", "3",
+          "--rounds", "2", "--output-dir", str(out), "-c", f"data-dir={app / 'data'}"], app)
+    ours, theirs = load_results(out), load_results(flwr_out)
+    free = {"output-dir"}
+    assert {k: v for k, v in ours.config.items() if k not in free} == \
+        {k: v for k, v in theirs.config.items() if k not in free}
+    assert (out / "model.safetensors").read_bytes() == (flwr_out / "model.safetensors"
+                                                        ).read_bytes()
+
+
 def test_deployment_of_the_example_app(app: Path) -> None:
     out = app / "out-deploy"
     _run([sys.executable, "-m", "fedslim.deploy", "--app-dir", ".", "--num-clients", "2",
