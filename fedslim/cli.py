@@ -33,6 +33,7 @@ from fedslim.preflight import (
     check_budget,
     check_data_dir,
     check_federation_size,
+    check_init_from,
     check_output_dir,
     envelope_notice,
 )
@@ -101,6 +102,7 @@ def prepare_simulation(overrides: dict[str, Any], num_clients: int
     check_federation_size(cfg, num_clients)
     check_data_dir(cfg)
     check_budget(cfg)
+    check_init_from(cfg)
     outdir, notice = check_output_dir(cfg)
     if str(outdir) != cfg.fed.output_dir:  # `{run}` expanded: every process uses this one
         overrides["output-dir"] = str(outdir)
@@ -310,6 +312,28 @@ def run_app(
         _error(str(exc), 1)
     except KeyboardInterrupt:  # the with-blocks above have stopped every process
         _error("interrupted; the SuperLink and the run were stopped", 130)
+
+
+@cli.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run's output directory")],
+    sparsity: Annotated[list[float] | None, typer.Option(
+        help="Share of weights to prune (repeatable; default 0.5, 0.8, 0.9)")] = None,
+    which: Annotated[str, typer.Option(help="global | best | student")] = "global",
+) -> None:
+    """Prune (unstructured and structured) and int8-quantize a run's model; write each file
+    under RUN_DIR/export/ and print its size and test accuracy (of the file read back)."""
+    from fedslim.export import export_run
+
+    try:
+        rows = export_run(run_dir, sparsity or [0.5, 0.8, 0.9], which)
+    except (FedslimError, ResultsError) as exc:
+        _error(str(exc), 2)
+    typer.echo(f"{'file':<34} {'zeros':>6} {'bytes':>9} {'test acc':>8} {'vs dense':>9}")
+    for r in rows:
+        typer.echo(f"{r.file:<34} {r.sparsity:>6.1%} {r.file_bytes:>9,} "
+                   f"{r.test_accuracy:>8.4f} {r.delta_pp:>+8.2f}pp")
+    typer.echo(f"wrote {run_dir / 'export'}/: the files above, export.json, export.csv")
 
 
 @cli.command("config")

@@ -132,6 +132,11 @@ class TrainConfig:
     lr_decay: float = field(default=1.0, metadata=key(
         "lr-decay", "Learning rate is multiplied by this factor every round "
         "(lr_r = learning-rate * lr-decay^(r-1)).", low=0.0, high=1.0, low_open=True))
+    sparse_training: bool = field(default=False, metadata=key(
+        "sparse-training", "Weights (float, ndim >= 2) that are exactly zero in the global "
+        "model stay zero: clients mask their gradients, the server the aggregate -- "
+        "recovery rounds for a pruned model (`init-from`); zeros never cost bytes in a "
+        "sparse uplink."))
     augment: Augment = field(default=Augment.NONE, metadata=key(
         "augment", "Input augmentation during local training: `none`, `noise`, `shift`, "
         "`noise+shift`."))
@@ -162,6 +167,10 @@ class FederationConfig:
     fraction_evaluate: float = field(default=1.0, metadata=key(
         "fraction-evaluate", "Fraction of nodes sampled for federated evaluation; 0 "
         "disables it.", low=0.0, high=1.0))
+    init_from: str = field(default="", metadata=key(
+        "init-from", "A safetensors file whose weights start the federation instead of the "
+        "seeded initial model: a run's model.safetensors or a file from `fedslim export` "
+        "(pruned / int8 files are decoded); its names and shapes must match `model`."))
     early_stop_patience: int = field(default=0, metadata=key(
         "early-stop-patience", "Stop the federation after this many rounds without a gain "
         "in the server's validation accuracy above `early-stop-min-delta` (0: never); the "

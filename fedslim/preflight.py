@@ -90,6 +90,21 @@ def _model_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
+def check_init_from(cfg: RunConfig) -> None:
+    """An ``init-from`` file must exist and fit the model (one line naming what differs)."""
+    if not cfg.fed.init_from:
+        return
+    from fedslim.task.data import load_splits
+    from fedslim.task.models import build_model
+    from fedslim.task.prune import load_init
+
+    path = Path(cfg.fed.init_from).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"run-config key 'init-from': {cfg.fed.init_from!r} is not a file")
+    splits = load_splits(cfg.data, cfg.fed.seed)
+    load_init(build_model(cfg.train.model, splits.input_shape, splits.num_classes), path)
+
+
 def check_budget(cfg: RunConfig) -> None:
     """Refuse an uplink byte budget no reply can fit (every reply would be rejected)."""
     uplink = cfg.comp.uplink

@@ -42,6 +42,7 @@ from fedslim.protocol import (
 )
 from fedslim.task.data import client_data, load_splits
 from fedslim.task.models import build_model, seeded_model
+from fedslim.task.prune import mask_gradients, zero_masks
 from fedslim.task.train import evaluate, select_device, train_local
 
 
@@ -127,12 +128,18 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
         rt = ClientRuntime(parse_run_config(context.run_config, overrides), context)
-        rt.load_global(msg)
+        held = rt.load_global(msg)
         conf = _config(msg)
-        stats = train_local(rt.model, rt.train_data, rt.cfg.train,
-                            server_round=int(_number(conf, SERVER_ROUND, 1)),
-                            seed_parts=(rt.cfg.fed.seed, rt.partition_id), device=rt.device,
-                            proximal_mu=_number(conf, "proximal-mu", 0.0))
+        hooks = mask_gradients(rt.model, zero_masks(held)) if rt.cfg.train.sparse_training \
+            else []
+        try:
+            stats = train_local(rt.model, rt.train_data, rt.cfg.train,
+                                server_round=int(_number(conf, SERVER_ROUND, 1)),
+                                seed_parts=(rt.cfg.fed.seed, rt.partition_id),
+                                device=rt.device, proximal_mu=_number(conf, "proximal-mu", 0.0))
+        finally:
+            for hook in hooks:
+                hook.remove()
         metrics: dict[str, MetricValue] = {
             "num-examples": stats.num_examples, "train-loss": stats.loss,
             "train-seconds": stats.seconds, "train-steps": stats.steps,

@@ -44,6 +44,7 @@ from fedslim.preflight import (
     check_budget,
     check_data_dir,
     check_federation_size,
+    check_init_from,
     check_output_dir,
 )
 from fedslim.protocol import RESULTS_FILE
@@ -102,6 +103,8 @@ def resolve_run_config(run_config: Mapping[str, PathValue]
     send["output-dir"] = str(out)
     if cfg.data.data_dir:
         send["data-dir"] = _absolute(cfg.data.data_dir)
+    if cfg.fed.init_from:
+        send["init-from"] = _absolute(cfg.fed.init_from)
     return cfg, send
 
 
@@ -401,6 +404,7 @@ def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
     check_federation_size(cfg, num_clients)
     check_data_dir(cfg)
     check_budget(cfg)
+    check_init_from(cfg)
     results = Path(str(send["output-dir"])) / RESULTS_FILE
     deadline = time.monotonic() + timeout
     dep = LocalDeployment(num_clients, workdir, min_nodes=cfg.fed.min_train_nodes,

@@ -50,10 +50,12 @@ from fedslim.server.storage import Checkpoint, load_checkpoint, save_checkpoint,
 from fedslim.strategies.compressed import Compressed
 from fedslim.strategies.distill import Distilled, Distiller
 from fedslim.strategies.guard import Guarded
+from fedslim.strategies.keep_zeros import KeepZeros
 from fedslim.strategies.registry import build_strategy
 from fedslim.strategies.wrapper import NodeGuard, Offset, StrategyWrapper
 from fedslim.task.data import Splits, load_splits
 from fedslim.task.models import count_params, seeded_model
+from fedslim.task.prune import load_init, zero_masks
 from fedslim.task.train import evaluate, select_device
 
 # Keys that may differ between an interrupted run and its resumption.
@@ -64,8 +66,13 @@ RESUME_FREE_KEYS = {"num-server-rounds", "resume", "overwrite", "output-dir", "p
 
 def initial_model(cfg: RunConfig, splits: Splits) -> torch.nn.Module:
     """The round-0 global model: seeded, so every run with this seed starts equal, and
-    fedslim's ClientApp builds the same one instead of downloading it."""
-    return seeded_model(cfg.train.model, cfg.fed.seed, splits.input_shape, splits.num_classes)
+    fedslim's ClientApp builds the same one instead of downloading it; or ``init-from``'s
+    weights (then sent to each node once)."""
+    model = seeded_model(cfg.train.model, cfg.fed.seed, splits.input_shape,
+                         splits.num_classes)
+    if cfg.fed.init_from:
+        load_init(model, Path(cfg.fed.init_from).expanduser())
+    return model
 
 
 def _check_resumable(ckpt: Checkpoint, cfg: RunConfig, path: Path) -> None:
@@ -88,8 +95,10 @@ class Stack:
 
 
 def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
-                round_offset: int = 0) -> Stack:
-    """Assemble fedslim's strategy stack from the run config."""
+                round_offset: int = 0, zeros: dict[str, torch.Tensor] | None = None
+                ) -> Stack:
+    """Assemble fedslim's strategy stack from the run config (``zeros``: the weights
+    ``sparse-training`` keeps at zero)."""
     collector = RoundCollector()
     inner = build_strategy(cfg)
     distiller = None
@@ -101,13 +110,15 @@ def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
                     max_norm=cfg.comp.defence_max_norm,
                     weight_ratio=cfg.comp.defence_weight_ratio,
                     reject_ratio=cfg.comp.defence_reject_ratio, collector=collector)
+    if cfg.train.sparse_training:
+        inner = KeepZeros(inner, zeros or {})
     compressed = Compressed(
         inner, uplink=cfg.comp.uplink, downlink=cfg.comp.downlink_spec,
         error_feedback=cfg.comp.error_feedback.enabled(cfg.fed.fraction_train),
         warmup_rounds=cfg.comp.warmup_rounds,
         seed=cfg.fed.seed, collector=collector,
         # fedslim's ClientApp builds the seeded round-0 model itself (not after a resume)
-        shared_init=cfg.comp.shared_init and round_offset == 0,
+        shared_init=cfg.comp.shared_init and round_offset == 0 and not cfg.fed.init_from,
         bind=cfg.comp.bind_replies, stream=cfg.comp.stream_aggregation,
         ef_reset_after=cfg.comp.ef_reset_after, keyframe_every=cfg.comp.keyframe_every,
         keyframe=cfg.comp.keyframe)
@@ -158,7 +169,8 @@ class ServerRun:
             model.load_state_dict(ckpt.model)
             start_round, strategy_state = ckpt.round, ckpt.strategy_state
             history = _history(ckpt, start_round)
-        stack = build_stack(cfg, splits, device, round_offset=start_round)
+        stack = build_stack(cfg, splits, device, round_offset=start_round,
+                            zeros=zero_masks(model.state_dict()))
         stack.strategy.load_state_dict(strategy_state)
         stack.collector.history = list(history)
         recorder = RunRecorder(
