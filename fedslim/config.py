@@ -44,6 +44,7 @@ from fedslim.config_fields import (
 )
 from fedslim.errors import ConfigError
 from fedslim.plugins import load_plugins
+from fedslim.task.finetune import parse_trainable
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,12 @@ class TrainConfig:
     lr_decay: float = field(default=1.0, metadata=key(
         "lr-decay", "Learning rate is multiplied by this factor every round "
         "(lr_r = learning-rate * lr-decay^(r-1)).", low=0.0, high=1.0, low_open=True))
+    trainable: str = field(default="all", metadata=key(
+        "trainable", "What clients train (fine-tuning, e.g. from `init-from`): `all`, "
+        "`head` (the last layer), `schedule:N` (layer-wise unfreezing from the top, one "
+        "more layer every N rounds) or `lora:R` (each weight as W0 + B A with rank-R "
+        "factors, merged after local training). Frozen weights' updates are zero: a "
+        "compressing uplink sends only their headers."))
     sparse_training: bool = field(default=False, metadata=key(
         "sparse-training", "Weights (float, ndim >= 2) that are exactly zero in the global "
         "model stay zero: clients mask their gradients, the server the aggregate -- "
@@ -148,6 +155,9 @@ class TrainConfig:
         from fedslim.task.models import MODELS  # lazy: keep `import fedslim.config` light
 
         check_registered("model", self.model, MODELS, "model")
+        if parse_trainable(self.trainable).kind == "lora" and self.sparse_training:
+            raise ConfigError("run-config keys 'trainable' and 'sparse-training': lora's "
+                              "merged factors would fill the pruned weights; use one of them")
 
 
 @dataclass(frozen=True)

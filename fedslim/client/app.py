@@ -41,6 +41,7 @@ from fedslim.protocol import (
     answer_hello,
 )
 from fedslim.task.data import client_data, load_splits
+from fedslim.task.finetune import parse_trainable, training_scope
 from fedslim.task.models import build_model, seeded_model
 from fedslim.task.prune import mask_gradients, zero_masks
 from fedslim.task.train import evaluate, select_device, train_local
@@ -132,11 +133,15 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
         conf = _config(msg)
         hooks = mask_gradients(rt.model, zero_masks(held)) if rt.cfg.train.sparse_training \
             else []
+        server_round = int(_number(conf, SERVER_ROUND, 1))
+        seed_parts = (rt.cfg.fed.seed, rt.partition_id)
         try:
-            stats = train_local(rt.model, rt.train_data, rt.cfg.train,
-                                server_round=int(_number(conf, SERVER_ROUND, 1)),
-                                seed_parts=(rt.cfg.fed.seed, rt.partition_id),
-                                device=rt.device, proximal_mu=_number(conf, "proximal-mu", 0.0))
+            with training_scope(rt.model, parse_trainable(rt.cfg.train.trainable),
+                                server_round, seed_parts):
+                stats = train_local(rt.model, rt.train_data, rt.cfg.train,
+                                    server_round=server_round, seed_parts=seed_parts,
+                                    device=rt.device,
+                                    proximal_mu=_number(conf, "proximal-mu", 0.0))
         finally:
             for hook in hooks:
                 hook.remove()
