@@ -35,6 +35,7 @@ from fedslim.preflight import (
     check_federation_size,
     check_init_from,
     check_output_dir,
+    check_student,
     envelope_notice,
 )
 from fedslim.protocol import RESULTS_FILE
@@ -103,6 +104,7 @@ def prepare_simulation(overrides: dict[str, Any], num_clients: int
     check_data_dir(cfg)
     check_budget(cfg)
     check_init_from(cfg)
+    check_student(cfg)
     outdir, notice = check_output_dir(cfg)
     if str(outdir) != cfg.fed.output_dir:  # `{run}` expanded: every process uses this one
         overrides["output-dir"] = str(outdir)

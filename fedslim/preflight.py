@@ -105,6 +105,25 @@ def check_init_from(cfg: RunConfig) -> None:
     load_init(build_model(cfg.train.model, splits.input_shape, splits.num_classes), path)
 
 
+def check_student(cfg: RunConfig) -> None:
+    """With ``distill=true``, the student must have fewer parameters than the global model."""
+    if not cfg.distill.distill:
+        return
+    from fedslim.task.data import load_splits
+    from fedslim.task.models import build_model, count_params
+
+    splits = load_splits(cfg.data, cfg.fed.seed)
+    shape, classes = splits.input_shape, splits.num_classes
+    student = count_params(build_model(cfg.distill.student_model, shape, classes))
+    teacher = count_params(build_model(cfg.train.model, shape, classes))
+    if student >= teacher:
+        raise ConfigError(
+            f"run-config key 'student-model': {cfg.distill.student_model} has {student:,} "
+            f"parameters, not fewer than model={cfg.train.model}'s {teacher:,}: the "
+            "distilled student would be no smaller than its teacher; choose a smaller "
+            "student-model (or model)")
+
+
 def check_budget(cfg: RunConfig) -> None:
     """Refuse an uplink byte budget no reply can fit (every reply would be rejected)."""
     uplink = cfg.comp.uplink

@@ -73,3 +73,14 @@ def test_simulate_preflight_expands_once_for_every_process(tmp_path: Path, monke
         prepare_simulation({"output-dir": str(out)}, 2)
     again: dict = {}
     assert prepare_simulation(again, 2)[1] != out  # the default never collides
+
+
+def test_a_student_no_smaller_than_its_teacher_is_refused_before_start(tmp_path):
+    from fedslim.config import parse_run_config
+    from fedslim.preflight import check_student
+    with pytest.raises(ConfigError) as err:
+        check_student(parse_run_config({"distill": True, "model": "digits_student",
+                                        "student-model": "digits_student"}))
+    msg = str(err.value)
+    assert "student-model" in msg and "no smaller than its teacher" in msg and "\n" not in msg
+    check_student(parse_run_config({"distill": True}))  # the default pair is fine

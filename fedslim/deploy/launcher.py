@@ -46,6 +46,7 @@ from fedslim.preflight import (
     check_federation_size,
     check_init_from,
     check_output_dir,
+    check_student,
 )
 from fedslim.protocol import RESULTS_FILE
 
@@ -405,6 +406,7 @@ def run_local_deployment(num_clients: int, run_config: Mapping[str, PathValue],
     check_data_dir(cfg)
     check_budget(cfg)
     check_init_from(cfg)
+    check_student(cfg)
     results = Path(str(send["output-dir"])) / RESULTS_FILE
     deadline = time.monotonic() + timeout
     dep = LocalDeployment(num_clients, workdir, min_nodes=cfg.fed.min_train_nodes,

@@ -69,7 +69,8 @@ class RunRecorder:
         if r.rejects:
             parts.append(f"[yellow]{len(r.rejects)} rejected[/yellow]")
         if r.distill is not None:
-            parts.append(f"student {r.distill.student_test_accuracy:.4f}")
+            parts.append(f"student {r.distill.student_test_accuracy:.4f} "
+                         f"(distil {r.distill.distill_seconds:.2f}s)")
         parts.append(f"{r.round_seconds:.2f}s")
         return " | ".join(parts)
 
@@ -99,7 +100,8 @@ class RunRecorder:
                          f"x{final.comm.total_ratio:.1f} less than plain float32")
         if final.student is not None:
             parts.append(f"student {final.student.test_accuracy:.4f} "
-                         f"({final.student.params:,} params)")
+                         f"({final.student.params:,} params; int8 copy "
+                         f"{final.student.int8_test_accuracy:.4f})")
         if final.best is not None and final.best.model_file:
             parts.append(f"best round {final.best.round} (val {final.best.val_accuracy:.4f}, "
                          f"test {final.best.test_accuracy:.4f})")
