@@ -199,7 +199,8 @@ class RoundReport:
     federated_evaluate: dict[str, float] = field(default_factory=dict)
     aggregated: bool = False         # the round produced a new global model
     replies: int = 0                 # train replies aggregated
-    failures: int = 0                # train replies rejected or failed
+    failures: int = 0                # train replies rejected or failed, and silent nodes
+    silent: int = 0                  # nodes sent a train message that never answered
     evaluate_replies: int = 0
     evaluate_failures: int = 0
     rejects: list[Reject] = field(default_factory=list)

@@ -68,6 +68,10 @@ class RunRecorder:
                 parts.append(f"total x{total:.1f} so far")
         if r.rejects:
             parts.append(f"[yellow]{len(r.rejects)} rejected[/yellow]")
+        if r.silent:
+            parts.append(f"[yellow]{r.silent} silent[/yellow]")
+        if not r.aggregated:
+            parts.append("[red]no update: no valid train reply[/red]")
         if r.distill is not None:
             parts.append(f"student {r.distill.student_test_accuracy:.4f} "
                          f"(distil {r.distill.distill_seconds:.2f}s)")

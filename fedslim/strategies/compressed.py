@@ -181,6 +181,7 @@ class Compressed(StrategyWrapper):
         self.decoder = UplinkDecoder()
         self._arrays_key: str | None = None
         self._model_bytes: tuple[ArrayRecord | None, int] = (None, 0)  # see _plain_size
+        self._train_sent = 0  # train messages of the current round
         self._round = 0
         self.aggregate_seconds = 0.0  # the wrapped strategy's last aggregate_train
         self.shared_init = shared_init and self.downlink.compress
@@ -243,8 +244,10 @@ class Compressed(StrategyWrapper):
         self.downlink.sync(arrays)
         if self.shared_init and not self.downlink.init_version:
             self.downlink.share_init()
-        msgs = self.strategy.configure_train(server_round, arrays, config, grid)
-        return self._outgoing(msgs, arrays, server_round)
+        msgs = self._outgoing(self.strategy.configure_train(server_round, arrays, config,
+                                                            grid), arrays, server_round)
+        self._train_sent = len(msgs)
+        return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -311,7 +314,10 @@ class Compressed(StrategyWrapper):
                 updates.append(Update(msg, self._redecode(msg, base, exp), base,
                                       update_norm(dec.weights, base, keys)))
             del dec
-        report.replies, report.failures = len(accepted), len(ordered) - len(accepted)
+        # a node that never answered (timeout, crash) is a failure too, not just absent
+        report.silent = max(0, self._train_sent - len(ordered))
+        report.replies = len(accepted)
+        report.failures = len(ordered) - len(accepted) + report.silent
         if not accepted:
             log.warning("round %s: no valid train reply; the global model is kept",
                         server_round)

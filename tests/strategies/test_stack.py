@@ -274,3 +274,21 @@ def test_shared_init_sends_no_model_and_falls_back_for_nodes_that_cannot_build_i
     assert [r.node for r in first.rejects] == [3]  # the node without initial_state
     assert second.comm.full_model_messages == 1 and second.rejects == []
     assert first.comm.downlink_bytes < 3 * 2_000  # headers only: no weights went down
+
+
+class _SilentGrid(LoopbackGrid):
+    """Node 1 never answers train messages (a crashed or partitioned node)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        return [r for r in replies
+                if not (r.metadata.src_node_id == 1 and r.metadata.message_type == "train")]
+
+
+def test_a_node_that_never_answers_counts_as_a_failure():
+    grid = _SilentGrid(make_quickstart_app([compression_mod]), 4)
+    strategy = Compressed(FedAvg(), uplink="topk:0.1|q:4", downlink="none")
+    _run(strategy, grid, rounds=2)
+    for r in [*strategy.collector.history, strategy.collector.current]:
+        assert r.replies == 3 and r.silent == 1 and r.failures == 1
+        assert r.aggregated
