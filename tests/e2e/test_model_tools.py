@@ -50,3 +50,21 @@ def test_init_from_a_file_that_does_not_fit_is_one_line_before_start(tmp_path):
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and "init-from" in err[0] and "does not fit" in err[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_fine_tuning_the_head_moves_only_the_head(tmp_path):
+    """init-from + trainable=head in a real federation: every other tensor of the final
+    global model is bit-identical to the file it started from, and the uplink carries
+    little more than the head (frozen tensors' updates are zero)."""
+    from safetensors.torch import save_file
+
+    from fedslim.task.models import seeded_model
+    start = {k: v.contiguous() for k, v in
+             seeded_model("digits_cnn", 7, (1, 8, 8), 10).state_dict().items()}
+    save_file(start, str(tmp_path / "pre.safetensors"))
+    res = simulate(tmp_path / "ft", 3, 2, "-c", f"init-from={tmp_path / 'pre.safetensors'}",
+                   "-c", "trainable=head", "-c", "local-epochs=1")
+    assert res["final"]["error"] is None and res["rounds"][-1]["replies"] == 3
+    after = read_model_file(tmp_path / "ft" / "model.safetensors")
+    moved = {k for k in start if not torch.equal(after[k], start[k])}
+    assert moved == {"head.3.weight", "head.3.bias"}
