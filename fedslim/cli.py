@@ -57,7 +57,9 @@ def simulation_backend_config(num_cpus_per_client: float, gpus_per_client: float
 
 def app_run_config(app_dir: Path) -> dict[str, Any]:
     """``[tool.flwr.app.config]`` of the Flower app in ``app_dir`` (flattened as ``flwr run``
-    reads it); empty without a pyproject.toml or without that table.
+    reads it) when the app's ServerApp is fedslim's; empty without a pyproject.toml, for
+    another app (its keys are not fedslim's: a stock Flower app's directory) or without
+    that table.
 
     Raises
     ------
@@ -72,8 +74,12 @@ def app_run_config(app_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-        config = table.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+        app = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {}).get(
+            "flwr", {}).get("app", {})
+        server = str(app.get("components", {}).get("serverapp", ""))
+        if not server.startswith("fedslim."):
+            return {}
+        config = app.get("config", {})
         return dict(flatten_dict(config)) if isinstance(config, dict) else {}
     except (tomllib.TOMLDecodeError, ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read [tool.flwr.app.config]: {exc}") from None

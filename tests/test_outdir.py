@@ -84,3 +84,27 @@ def test_a_student_no_smaller_than_its_teacher_is_refused_before_start(tmp_path)
     msg = str(err.value)
     assert "student-model" in msg and "no smaller than its teacher" in msg and "\n" not in msg
     check_student(parse_run_config({"distill": True}))  # the default pair is fine
+
+
+def test_simulate_takes_a_fedslim_apps_pyproject_config_and_ignores_other_apps(tmp_path):
+    from fedslim.cli import app_config_notice, app_run_config
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(
+        '[tool.flwr.app.components]\nserverapp = "fedslim.server.app:app"\n'
+        'clientapp = "fedslim.client.app:app"\n'
+        '[tool.flwr.app.config]\nlocal-epochs = 1\nlearning-rate = 0.05\n')
+    base = app_run_config(app)
+    assert base == {"local-epochs": 1, "learning-rate": 0.05}
+    notice = app_config_notice(base, app)
+    assert notice is not None and "local-epochs=1" in notice
+    assert "learning-rate" not in notice  # the default already: not news
+    stock = tmp_path / "stock"
+    stock.mkdir()
+    (stock / "pyproject.toml").write_text(
+        '[tool.flwr.app.components]\nserverapp = "quickstart.server_app:app"\n'
+        '[tool.flwr.app.config]\nlr = 0.1\n')
+    assert app_run_config(stock) == {}  # a stock app's keys are not fedslim's
+    (app / "pyproject.toml").write_text("[tool.flwr.app\n")
+    with pytest.raises(ConfigError, match="pyproject.toml"):
+        app_run_config(app)

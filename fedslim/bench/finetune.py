@@ -28,7 +28,9 @@ from fedslim.task.data import load_splits
 from fedslim.task.models import seeded_model
 from fedslim.task.train import evaluate, train_local
 
-SETTINGS = ["scratch", "all", "head", "schedule:3", "lora:4"]
+SETTINGS = ["scratch", "all", "head", "schedule:3", "lora:4", "lora:4 lowrank-uplink"]
+"""``trainable`` values (``scratch``: no init-from); ``lora:R lowrank-uplink`` also sets
+``uplink=lowrank:R|q:8|ans``, the codec that sends a rank-R update as its factors."""
 
 
 def pretrain(seed: int, epochs: int, path: Path) -> float:
@@ -49,7 +51,10 @@ def run(setting: str, seed: int, rounds: int, clients: int, init: Path) -> dict[
     overrides: dict[str, Any] = {"seed": seed, "partitioning": "dirichlet",
                                  "dirichlet-alpha": 0.5}
     if setting != "scratch":
-        overrides.update({"init-from": str(init), "trainable": setting})
+        trainable, _, codec = setting.partition(" ")
+        overrides.update({"init-from": str(init), "trainable": trainable})
+        if codec == "lowrank-uplink":
+            overrides["uplink"] = f"lowrank:{trainable.split(':')[1]}|q:8|ans"
     res, wall = simulate_subprocess(overrides, clients, rounds)
     assert res.final is not None and res.final.comm is not None
     return {"setting": setting, "seed": seed, "test_accuracy": res.final.test_accuracy,
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-clients", type=int, default=10)
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--settings", nargs="+", default=SETTINGS)
+    p.add_argument("--append", action="store_true",
+                   help="keep the runs already in OUT/runs.json (other settings)")
     p.add_argument("--out", type=Path, default=Path("outputs/bench-finetune"))
     p.add_argument("--work", type=Path, default=Path("outputs/bench-finetune-models"),
                    help="where the pretrained models go (not the results)")
@@ -99,7 +106,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    pretrained = {}
+    pretrained: dict[int, float] = {}
+    runs_file = args.out / "runs.json"
+    if args.append and runs_file.exists():  # add settings to an earlier run of this bench
+        old = json.loads(runs_file.read_text())
+        rows = old["runs"]
+        pretrained = {int(k): v for k, v in old["pretrained_test_accuracy"].items()}
     for seed in args.seeds:
         init = (args.work / f"pretrained-{seed}.safetensors").resolve()
         pretrained[seed] = pretrain(seed, args.pretrain_epochs, init)
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             r = rows[-1]
             print(f"seed {seed} {setting:>11}: test {r['test_accuracy']:.4f}, uplink "
                   f"{r['uplink_bytes'] / 1e6:.3f} MB", flush=True)
-    (args.out / "runs.json").write_text(json.dumps(
+    runs_file.write_text(json.dumps(
         {"pretrained_test_accuracy": pretrained, "rounds": args.rounds, "runs": rows},
         indent=2))
     summary = summarize(rows, pretrained)
