@@ -65,13 +65,14 @@ def run(setting: str, seed: int, rounds: int, clients: int, init: Path) -> dict[
             "wall_seconds": wall}
 
 
-def summarize(rows: list[dict[str, Any]], pretrained: dict[int, float]) -> str:
-    seeds = sorted({r["seed"] for r in rows})
+def summarize(rows: list[dict[str, Any]], pretrained: dict[int, float], rounds: int) -> str:
+    seeds = list(dict.fromkeys(r["seed"] for r in rows))  # in the order they were run
     full = {r["seed"]: r for r in rows if r["setting"] == "all"}
     lines = ["| setting | test acc (mean, sd) | vs all (pp, per seed) | uplink MB | "
              "uplink bytes vs all | uplink vs float32 |", "|---|---|---|---|---|---|"]
-    for s in SETTINGS:
-        mine = [r for r in rows if r["setting"] == s]
+    for s in dict.fromkeys([*SETTINGS, *(r["setting"] for r in rows)]):
+        mine = sorted((r for r in rows if r["setting"] == s),
+                      key=lambda r: seeds.index(r["seed"]))
         if not mine:
             continue
         acc = [r["test_accuracy"] for r in mine]
@@ -84,9 +85,10 @@ def summarize(rows: list[dict[str, Any]], pretrained: dict[int, float]) -> str:
             f"{statistics.fmean(dpp):+.2f} ({', '.join(f'{d:+.2f}' for d in dpp)}) | "
             f"{up / 1e6:.3f} | {fewer:.2f}x fewer | "
             f"{statistics.fmean(r['uplink_none_bytes'] / r['uplink_bytes'] for r in mine):.0f}x |")
-    head = (f"Seeds {seeds}; pretrained on digits 0-4 centrally, test accuracy on all ten "
-            f"digits before fine-tuning: "
-            + ", ".join(f"{pretrained[s]:.4f}" for s in seeds) + ".")
+    head = (f"Seeds {', '.join(map(str, seeds))} (per-seed figures in this order); "
+            "pretrained on digits 0-4 centrally, test accuracy on all ten digits before "
+            "fine-tuning: "
+            + ", ".join(f"{pretrained[s]:.4f}" for s in seeds) + f"; {rounds} rounds.")
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     runs_file.write_text(json.dumps(
         {"pretrained_test_accuracy": pretrained, "rounds": args.rounds, "runs": rows},
         indent=2))
-    summary = summarize(rows, pretrained)
+    summary = summarize(rows, pretrained, args.rounds)
     (args.out / "summary.md").write_text(summary)
     print(summary)
 
