@@ -41,7 +41,9 @@ def test_fedslim_simulate_with_a_plugin_model_on_npz_data(app: Path) -> None:
     out = app / "out-sim"
     _run([sys.executable, "-m", "fedslim.cli", "simulate", "--num-clients", "3", "--rounds",
           "3", "--output-dir", str(out), "-c", f"data-dir={app / 'data'}", *COMMON,
-          "-c", "uplink=none"], app)  # 3 rounds: plain FedAvg, as `auto` starts slower
+          # 3 rounds: plain FedAvg (`auto` starts slower) and 2 local epochs (the app's
+          # pyproject, which simulate reads in this directory, says 1)
+          "-c", "uplink=none", "-c", "local-epochs=2"], app)
     res = load_results(out)
     assert res.model["name"] == "vib_cnn" and res.data["test"] == 300  # test.npz kept
     assert res.final is not None and res.final.test_accuracy > 0.35  # 4 classes
