@@ -312,10 +312,17 @@ def run_app(
         _error(f"APP_DIR {str(app_dir)!r} has no pyproject.toml: not a Flower app", 2)
     try:
         overrides = {k: typed_value(v) for k, v in parse_cli_overrides(run_config).items()}
+        base = app_run_config(app_dir)
+        if base:  # a fedslim app: its config with the overrides must parse, before anything
+            if str(app_dir.resolve()) not in sys.path:  # its plug-ins live there
+                sys.path.insert(0, str(app_dir.resolve()))
+            parse_run_config({**base, **overrides})
         with tempfile.TemporaryDirectory(prefix="fedslim-run-app-") as tmp, \
                 LocalSimulation(Path(tmp)) as sim:
             sim.run(app_dir, overrides, num_supernodes=num_supernodes, timeout=timeout,
                     echo=True)
+    except ConfigError as exc:
+        _error(str(exc), 2)
     except FedslimError as exc:
         _error(str(exc), 1)
     except KeyboardInterrupt:  # the with-blocks above have stopped every process

@@ -344,11 +344,13 @@ class LocalDeployment:
                                      f"to {results}")
                 time.sleep(0.5)
 
+    connection = CONNECTION  # the SuperLink connection name in FLWR_HOME/config.toml
+
     def run_status(self, run_id: str | None) -> str:
         """The run's status as ``flwr ls`` reports it (e.g. ``finished:failed``)."""
         if run_id is None:
             return "unknown"
-        out = _flwr_json(["ls", CONNECTION, "--run-id", run_id], self.env)
+        out = _flwr_json(["ls", self.connection, "--run-id", run_id], self.env)
         runs = out.get("runs", []) if out else []
         return str(runs[0].get("status", "unknown")) if runs else "unknown"
 

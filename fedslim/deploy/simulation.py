@@ -13,6 +13,7 @@ everything it spawns are stopped when the ``with`` block ends), and a throw-away
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +29,8 @@ CONNECTION = "fedslim-sim"
 
 class LocalSimulation(LocalDeployment):
     """A simulation-mode SuperLink on a free port; ``run`` submits apps with ``flwr run``."""
+
+    connection = CONNECTION
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(num_clients=1, workdir=workdir)
@@ -80,6 +83,7 @@ class LocalSimulation(LocalDeployment):
         if code != 0:
             raise DeployError(f"`flwr run` exited with code {code}; log: {flwr_run.log}\n"
                               f"{tail(flwr_run.log)}")
+        self._check_completed(flwr_run.log)
         until = time.monotonic() + 120
         while done is not None and not done():
             self.procs.check_alive(["superlink"])
@@ -88,6 +92,22 @@ class LocalSimulation(LocalDeployment):
                                   f"120 s; logs in {self.log_dir}\n{tail(flwr_run.log)}")
             time.sleep(0.5)
         return flwr_run.log.read_text(errors="replace")
+
+
+    def _check_completed(self, log: Path, wait: float = 30.0) -> None:
+        """``flwr run --stream`` exits 0 when the ServerApp failed: ask the SuperLink how
+        the run ended and raise unless it completed (its status settles within ``wait``)."""
+        match = re.search(r"Successfully started run (\d+)", log.read_text(errors="replace"))
+        if match is None:
+            return  # no run id printed: nothing to ask (the exit code was 0)
+        run_id, until = match.group(1), time.monotonic() + wait
+        state = self.run_status(run_id)
+        while not state.startswith("finished") and time.monotonic() < until:
+            time.sleep(0.5)
+            state = self.run_status(run_id)
+        if state.startswith("finished") and state != "finished:completed":
+            raise DeployError(f"run {run_id} ended with status {state}; log: {log}\n"
+                              f"{tail(log)}")
 
 
 def _echo_new(log: Path, printed: int) -> int:

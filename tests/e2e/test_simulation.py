@@ -92,6 +92,22 @@ def test_flwr_run_in_local_simulation(tmp_path):
     assert not [p for p in pids if _alive(p)]
 
 
+def test_run_app_exits_non_zero_when_the_run_fails_or_the_config_is_bad(tmp_path):
+    """`flwr run --stream` exits 0 when the ServerApp fails; `fedslim run-app` asks the
+    SuperLink how the run ended. A key that does not parse never starts anything."""
+    def run_app(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fedslim.cli", "run-app", str(ROOT), "--num-supernodes",
+             "2", "-c", "num-server-rounds=1", "-c", f"output-dir={tmp_path / 'o'}", *extra],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    bad = run_app("-c", "model=nope")
+    assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
+    assert "flwr run" not in bad.stdout  # nothing was started
+    failed = run_app("-c", "dataset=npz", "-c", f"data-dir={tmp_path / 'missing'}")
+    assert failed.returncode == 1
+    assert "ended with status finished:failed" in failed.stderr
+
+
 def _final(outdir) -> bool:
     try:
         return load_results(outdir).final is not None
