@@ -223,17 +223,19 @@ class Compressed(StrategyWrapper):
             new = Message(content=content, dst_node_id=node,
                           message_type=msg.metadata.message_type,
                           group_id=msg.metadata.group_id)
-            self.ledger.sent(new, kind, self._plain_size(new, kind, msg.content.array_records[key]))
+            size = message_bytes(new)  # serialized once: for the ledger and its plain size
+            plain = self._plain_size(new, size, kind, msg.content.array_records[key])
+            self.ledger.sent(new, kind, plain, size)
             out.append(new)
         return out
 
-    def _plain_size(self, sent: Message, kind: str, model: ArrayRecord) -> int:
-        """``sent``'s size as the wrapped strategy made it: without fedslim's header and
-        chain, with the full model (its serialized size measured once per model)."""
+    def _plain_size(self, sent: Message, size: int, kind: str, model: ArrayRecord) -> int:
+        """``sent``'s size (``size``, as serialized) as the wrapped strategy made it:
+        without fedslim's header and chain, with the full model (measured once per model)."""
         if self._model_bytes[0] is not model:
             self._model_bytes = (model, content_bytes(model))
         ours = [sent.content[k] for k in (DOWN, DELTA) if k in sent.content]
-        size = message_bytes(sent) - sum(content_bytes(record) for record in ours)
+        size -= sum(content_bytes(record) for record in ours)
         return size + (self._model_bytes[1] if kind != "full" else 0)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -29,10 +29,12 @@ class ByteLedger:
     def _node(self, node: int) -> NodeBytes:
         return self.report.per_node.setdefault(str(node), NodeBytes())
 
-    def sent(self, msg: Message, kind: str, plain: int | None = None) -> int:
+    def sent(self, msg: Message, kind: str, plain: int | None = None,
+             size: int | None = None) -> int:
         """Count an instruction; ``kind``: ``full``, ``delta``, ``current``, ``init``, ``key``;
-        ``plain``: its size as the wrapped strategy made it (default: as sent)."""
-        size = message_bytes(msg)
+        ``plain``: its size as the wrapped strategy made it (default: as sent); ``size``:
+        its serialized size when the caller measured it already."""
+        size = message_bytes(msg) if size is None else size
         r = self.report
         r.downlink_none_bytes += size if plain is None else plain
         if msg.metadata.message_type == MessageType.TRAIN:

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from fedslim.errors import ConfigError, DecodeError
-from fedslim.task.ptq import QMAX, dequantize_state_int8, quantize_state_int8
+from fedslim.task.ptq import SCALE_SUFFIX, dequantize_state_int8, quantize_state_int8
 
 State = dict[str, torch.Tensor]
 MASK, ROWS, VALUES, SCALE = ".__mask__", ".__rows__", ".__values__", ".__vscale__"
@@ -108,11 +108,9 @@ def pack(state: Mapping[str, torch.Tensor], kept: Mapping[str, torch.Tensor],
         else:
             out[name + MASK] = _bits(m2)
         values = w
-        if int8:  # one scale per output channel, over the kept entries
-            amax = (w.abs() * m2).amax(dim=1) if w.shape[1] else torch.zeros(len(w))
-            scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-            values = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
-            out[name + SCALE] = scale.float().contiguous()
+        if int8:  # ptq's per-output-channel int8, its scales over the kept entries only
+            q = quantize_state_int8({name: w * m2})
+            values, out[name + SCALE] = q[name], q[name + SCALE_SUFFIX]
         out[name + VALUES] = values[m2].contiguous().clone()  # row-major, kept only
     meta = {META_KEY: json.dumps({"structured": structured, "int8": int8, "shapes": shapes})}
     return out, meta
