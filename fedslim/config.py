@@ -168,7 +168,7 @@ class FederationConfig:
         "strategy", "Aggregation strategy, wrapped in fedslim's compression layer: "
         "`fedslim` (FedAvg with seeded sampling, float64 averaging and `server-opt`), or "
         "Flower's own `fedavg`, `fedavgm`, `fedadam`, `fedprox`, `fedtrimmedavg`, `krum`, "
-        "`fedmedian` (see `fedslim.strategies.registry`)."))
+        "`multikrum`, `fedmedian` (see `fedslim.strategies.registry`)."))
     num_server_rounds: int = field(default=20, metadata=key(
         "num-server-rounds", "Number of federated rounds.", low=1))
     fraction_train: float = field(default=1.0, metadata=key(
@@ -229,7 +229,8 @@ class FederationConfig:
         "trimmed-beta", "Fraction trimmed from each end (`strategy=fedtrimmedavg`).",
         low=0.0, high=0.49))
     malicious_nodes: int = field(default=0, metadata=key(
-        "malicious-nodes", "Number of malicious nodes Krum assumes (`strategy=krum`).",
+        "malicious-nodes", "Number of malicious nodes Krum assumes (`strategy=krum` / "
+        "`multikrum`; multikrum averages the round's replies minus this many).",
         low=0))
 
     def __post_init__(self) -> None:
@@ -293,6 +294,11 @@ class RunConfig:
     client: Mapping[str, bool | int | float | str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.comp.defence_trust_ratio > 0 and self.data.val_fraction <= 0:
+            raise ConfigError(
+                f"defence-trust-ratio={self.comp.defence_trust_ratio:g} trains the server's "
+                "reference update on the validation split, but val-fraction=0; set "
+                "val-fraction > 0 or defence-trust-ratio=0")
         if self.fed.min_available_nodes < self.fed.min_train_nodes:
             raise ConfigError(
                 f"min-available-nodes={self.fed.min_available_nodes} must be >= "

@@ -96,6 +96,15 @@ class CompressionConfig:
     defence_max_norm: float = field(default=0.0, metadata=key(
         "defence-max-norm", "Server defence: a fixed bound on every update's L2 norm "
         "(combined with the ratio: the smaller wins); 0 = none.", low=0.0))
+    defence_trust_ratio: float = field(default=0.5, metadata=key(
+        "defence-trust-ratio", "Server defence: each round the server trains the global "
+        "model on its own root set (the validation split's first `defence-trust-examples`)"
+        " and scores every update by its cosine with that reference update: <= 0 is "
+        "rejected, below this many times the round's median positive cosine loses weight "
+        "in proportion. Needs val-fraction > 0; 0 disables.", low=0.0, high=1.0))
+    defence_trust_examples: int = field(default=256, metadata=key(
+        "defence-trust-examples", "Server defence: size of the root set the reference "
+        "update is trained on (taken from the validation split).", low=1))
     defence_weight_ratio: float = field(default=2.0, metadata=key(
         "defence-weight-ratio", "Server defence: a reply's num-examples above this many "
         "times the round's median is lowered to it; 0 disables.", low=0.0))

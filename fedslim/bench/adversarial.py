@@ -26,7 +26,8 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-ATTACKER = 0
+from fedslim.bench.collude import COLLUDING, colluder_mod, is_colluding
+
 NO_DEFENCES = {"defence-clip-ratio": 0.0, "defence-weight-ratio": 0.0,
                "defence-reject-ratio": 0.0}
 
@@ -63,15 +64,16 @@ def _replay(msg: Message, context: Context, reply: Message) -> Message:
     return Message(content=RecordDict(kept), reply_to=msg)
 
 
-def attack_mod(kind: str) -> Mod:
-    """The client mod for attack ``kind``: partition 0 attacks, only in train. ``mixed``:
-    partition ``i`` runs ``ATTACKS[i]`` (one simulation, every attack at once)."""
+def attack_mod(kind: str, attackers: int = 1) -> Mod:
+    """The client mod for attack ``kind``: partitions ``< attackers`` attack, only in
+    train. ``mixed``: partition ``i`` runs ``ATTACKS[i]`` (one simulation, every attack at
+    once)."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, context)
         pid = int(str(context.node_config["partition-id"]))
         mine = (ATTACKS[pid] if pid < len(ATTACKS) else None) if kind == "mixed" else (
-            kind if pid == ATTACKER else None)
+            kind if pid < attackers else None)
         if mine is None or reply.has_error() or msg.metadata.message_type != "train":
             return reply
         return _attack(mine, msg, context, reply)
@@ -96,6 +98,21 @@ def _attack(kind: str, msg: Message, context: Context, reply: Message) -> Messag
 
 
 ATTACKS = ["scaled", "sign-flip-heavy", "huge", "metric-list", "weight-inf", "replay"]
+CHOICES = [*ATTACKS, "mixed", *COLLUDING]  # and ipm:<eps>
+
+
+def attack_name(value: str) -> str:
+    """argparse type: a known attack, or ``ipm:<eps>`` with eps > 0."""
+    if value in CHOICES:
+        return value
+    if value.startswith("ipm:"):
+        try:
+            if float(value[4:]) > 0:
+                return value
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"unknown attack {value!r}; expected one of "
+                                     f"{', '.join(CHOICES)} or ipm:<eps> (eps > 0)")
 
 
 def _only(kind: str) -> Mod:
@@ -122,7 +139,8 @@ def _except(kind: str) -> Mod:
     return mod
 
 
-def run_one(attack: str | None, overrides: dict[str, Any], num_clients: int) -> None:
+def run_one(attack: str | None, overrides: dict[str, Any], num_clients: int,
+            attackers: int = 1) -> None:
     """One federation in this process (what ``--one`` runs in a subprocess)."""
     from flwr.simulation import run_simulation
 
@@ -130,8 +148,10 @@ def run_one(attack: str | None, overrides: dict[str, Any], num_clients: int) -> 
     from fedslim.server.app import make_server_app
 
     # the replay works on encoded replies (outside compression_mod), the rest on weights
-    outer = [attack_mod(attack)] if attack in ("replay", "mixed") else []
-    inner = [attack_mod(attack)] if attack and attack != "replay" else []
+    outer = [attack_mod(attack, attackers)] if attack in ("replay", "mixed") else []
+    inner = [attack_mod(attack, attackers)] if attack and attack != "replay" else []
+    if attack and is_colluding(attack):
+        inner = [colluder_mod(attack, attackers, overrides)]
     if attack == "mixed":  # each partition's own attack, on the side it works on
         outer, inner = [_only("replay")], [_except("replay")]
     run_simulation(server_app=make_server_app(overrides),
@@ -142,8 +162,8 @@ def run_one(attack: str | None, overrides: dict[str, Any], num_clients: int) -> 
                                                  "log_to_driver": False}})
 
 
-def federation(attack: str | None, overrides: dict[str, Any], num_clients: int
-               ) -> dict[str, Any]:
+def federation(attack: str | None, overrides: dict[str, Any], num_clients: int,
+               attackers: int = 1) -> dict[str, Any]:
     """Run one federation in a subprocess; return what its results.json says."""
     from fedslim.report import load_results
 
@@ -151,7 +171,8 @@ def federation(attack: str | None, overrides: dict[str, Any], num_clients: int
         ov = {**overrides, "output-dir": tmp, "progress": False}
         proc = subprocess.run([sys.executable, "-m", "fedslim.bench.adversarial", "--one",
                                attack or "honest", "--overrides", json.dumps(ov),
-                               "--num-clients", str(num_clients)], capture_output=True,
+                               "--num-clients", str(num_clients),
+                               "--attackers", str(attackers)], capture_output=True,
                               text=True, timeout=1800)
         res = load_results(tmp)  # must exist: the server may never crash
         finite = _finite_model(Path(tmp))
@@ -172,38 +193,12 @@ def _finite_model(outdir: Path) -> bool:
                                  load_file(str(path)).values() if t.is_floating_point())
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--num-clients", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--seeds", type=int, nargs="+", default=[42])
-    p.add_argument("--attacks", nargs="*", default=ATTACKS, choices=ATTACKS)
-    p.add_argument("--no-defences", action="store_true")
-    p.add_argument("-c", "--run-config", action="append", default=[])
-    p.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
-    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.one is not None:
-        run_one(None if args.one == "honest" else args.one, json.loads(args.overrides),
-                args.num_clients)
-        return
-    from fedslim.config import parse_cli_overrides
-
-    base = {"num-server-rounds": args.rounds, **parse_cli_overrides(args.run_config),
-            **(NO_DEFENCES if args.no_defences else {})}
-    rows = []
-    for seed in args.seeds:
-        for attack in [None, *args.attacks]:
-            row = {"seed": seed, **federation(attack, {**base, "seed": seed},
-                                              args.num_clients)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+def _summary(rows: list[dict[str, Any]], attacks: list[str]) -> None:
     honest = {r["seed"]: r["test_accuracy"] for r in rows if r["attack"] == "honest"}
-    print(f"\n{args.num_clients} clients (partition {ATTACKER} hostile), {args.rounds} "
-          f"rounds, seeds {args.seeds}, defences {'off' if args.no_defences else 'on'}:")
-    for attack in ["honest", *args.attacks]:
-        rs = [r for r in rows if r["attack"] == attack]
+    for attack in ["honest", *attacks]:
+        rs = [r for r in rows if r["attack"] == attack and r["seed"] in honest]
+        if not rs:
+            continue
         diff = [100 * (r["test_accuracy"] - honest[r["seed"]]) for r in rs]
         print(f"  {attack:16s} acc {statistics.mean(r['test_accuracy'] for r in rs):.4f}  "
               f"vs honest {statistics.mean(diff):+.2f} pp (per seed "
@@ -211,8 +206,62 @@ def main(argv: list[str] | None = None) -> None:
               f"{all(r['model_finite'] for r in rs)}  crashes "
               f"{sum(r['exit_code'] != 0 for r in rs)}  rejects "
               f"{sum(r['rejects'] for r in rs)}  defences {sum(r['defences'] for r in rs)}")
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-clients", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42])
+    p.add_argument("--attacks", nargs="*", default=ATTACKS, type=attack_name,
+                   help=f"of {', '.join(CHOICES)}, ipm:<eps>")
+    p.add_argument("--attackers", type=int, default=1,
+                   help="partitions 0..K-1 attack together (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="federations run at once")
+    p.add_argument("--no-defences", action="store_true")
+    p.add_argument("-c", "--run-config", action="append", default=[])
+    p.add_argument("--out", type=Path, default=None,
+                   help="append the rows to this JSON-lines file (rows already there for "
+                        "the same seed and attack are kept, not re-run)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not 1 <= args.attackers < args.num_clients:
+        p.error(f"--attackers {args.attackers}: expected 1 .. {args.num_clients - 1}")
+    if args.one is not None:
+        run_one(None if args.one == "honest" else args.one, json.loads(args.overrides),
+                args.num_clients, args.attackers)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedslim.config import parse_cli_overrides
+
+    base = {"num-server-rounds": args.rounds, **parse_cli_overrides(args.run_config),
+            **(NO_DEFENCES if args.no_defences else {})}
+    done = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()] \
+        if args.out and args.out.exists() else []
+    have = {(r["seed"], r["attack"]) for r in done}
+    todo = [(seed, attack) for seed in args.seeds for attack in [None, *args.attacks]
+            if (seed, attack or "honest") not in have]
+
+    def one(job: tuple[int, str | None]) -> dict[str, Any]:
+        seed, attack = job
+        row = {"seed": seed, "attackers": args.attackers,
+               **federation(attack, {**base, "seed": seed}, args.num_clients,
+                            args.attackers)}
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with args.out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        rows = done + list(pool.map(one, todo))
+    rows = [r for r in rows if r["seed"] in args.seeds]
+    print(f"\n{args.num_clients} clients (partitions 0..{args.attackers - 1} hostile), "
+          f"{args.rounds} rounds, seeds {args.seeds}, defences "
+          f"{'off' if args.no_defences else 'on'}:")
+    _summary(rows, args.attacks)
 
 
 if __name__ == "__main__":

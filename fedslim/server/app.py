@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -52,11 +53,12 @@ from fedslim.strategies.distill import Distilled, Distiller
 from fedslim.strategies.guard import Guarded
 from fedslim.strategies.keep_zeros import KeepZeros
 from fedslim.strategies.registry import build_strategy
+from fedslim.strategies.trust import TRUST_STREAM, ServerReference
 from fedslim.strategies.wrapper import NodeGuard, Offset, StrategyWrapper
 from fedslim.task.data import Splits, load_splits
-from fedslim.task.models import count_params, seeded_model
+from fedslim.task.models import build_model, count_params, seeded_model
 from fedslim.task.prune import load_init, zero_masks
-from fedslim.task.train import evaluate, select_device
+from fedslim.task.train import evaluate, select_device, train_local
 
 # Keys that may differ between an interrupted run and its resumption.
 RESUME_FREE_KEYS = {"num-server-rounds", "resume", "overwrite", "output-dir", "progress",
@@ -84,6 +86,22 @@ def _check_resumable(ckpt: Checkpoint, cfg: RunConfig, path: Path) -> None:
                               f"checkpoint's (key: (checkpoint, now)): {diff}")
 
 
+def server_reference(cfg: RunConfig, splits: Splits, device: torch.device
+                     ) -> ServerReference | None:
+    """The trust defence's reference: the global model trained on the root set (the
+    validation split's first ``defence-trust-examples``) with the clients' settings."""
+    if cfg.comp.defence_trust_ratio <= 0 or len(splits.val) == 0:
+        return None
+    root = splits.val.subset(np.arange(min(len(splits.val), cfg.comp.defence_trust_examples)))
+    model = build_model(cfg.train.model, splits.input_shape, splits.num_classes)
+
+    def train(m: torch.nn.Module, server_round: int) -> None:
+        train_local(m, root, cfg.train, server_round=server_round,
+                    seed_parts=(cfg.fed.seed, TRUST_STREAM), device=device)
+
+    return ServerReference(model, train)
+
+
 @dataclass
 class Stack:
     """The strategy to run, and the parts the ServerApp talks to directly."""
@@ -109,7 +127,9 @@ def build_stack(cfg: RunConfig, splits: Splits, device: torch.device,
     inner = Guarded(inner, clip_ratio=cfg.comp.defence_clip_ratio,
                     max_norm=cfg.comp.defence_max_norm,
                     weight_ratio=cfg.comp.defence_weight_ratio,
-                    reject_ratio=cfg.comp.defence_reject_ratio, collector=collector)
+                    reject_ratio=cfg.comp.defence_reject_ratio,
+                    reference=server_reference(cfg, splits, device),
+                    trust_ratio=cfg.comp.defence_trust_ratio, collector=collector)
     if cfg.train.sparse_training:
         inner = KeepZeros(inner, zeros or {})
     compressed = Compressed(

@@ -20,6 +20,11 @@ Per round, with the global model the replies started from:
 * **norm bound** -- an update (reply weights - global) whose L2 norm exceeds the bound is
   scaled down onto it; the bound is ``clip_ratio`` x the round's median update norm (needs
   3+ replies), capped by ``max_norm`` when that is set;
+* **trust** (with a ``reference``: the server's own update on a root set it holds, see
+  :mod:`fedslim.strategies.trust`) -- an update whose cosine with the reference is <= 0
+  is rejected; one below ``trust_ratio`` x the round's median cosine loses weight in
+  proportion. This is what stops colluders who send valid, well-bounded updates that point
+  the wrong way (inner-product manipulation, sign flips, label flipping);
 * **finite aggregate** -- if the inner strategy still returns NaN/Inf, the round is
   dropped and the global model kept (it can never become NaN).
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from functools import partial
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -42,11 +48,22 @@ from fedslim.flower_io import state_record, to_state
 from fedslim.protocol import NUM_EXAMPLES
 from fedslim.report import Defence, Reject, RoundCollector
 from fedslim.strategies.aggregate import State, float_keys
-from fedslim.strategies.stream import StreamingStrategy, Update, streams, update_norm
+from fedslim.strategies.stream import (
+    StreamingStrategy,
+    Update,
+    WeightsFn,
+    streams,
+    update_norm,
+)
+from fedslim.strategies.trust import ReferenceFn, cosine, trust_factors
 from fedslim.strategies.uplink import check_weight, partition_of
 from fedslim.strategies.wrapper import StrategyWrapper
 
 log = logging.getLogger("flwr").getChild("fedslim")
+
+
+def _weights_of(msg: Message, arrays_key: str) -> State:
+    return to_state(msg.content.array_records[arrays_key])
 
 
 def norm_bound(norms: list[float], clip_ratio: float, max_norm: float) -> float:
@@ -67,12 +84,14 @@ class Guarded(StrategyWrapper):
 
     def __init__(self, strategy: Strategy, *, clip_ratio: float = 3.0, max_norm: float = 0.0,
                  weight_ratio: float = 2.0, reject_ratio: float = 10.0,
+                 reference: ReferenceFn | None = None, trust_ratio: float = 0.5,
                  arrays_key: str = "arrays",
                  collector: RoundCollector | None = None) -> None:
         super().__init__(strategy, collector, reports=True)
         self.collector: RoundCollector = self.collector or RoundCollector()
         self.clip_ratio, self.max_norm, self.weight_ratio = clip_ratio, max_norm, weight_ratio
         self.reject_ratio = reject_ratio
+        self.reference, self.trust_ratio = reference, trust_ratio
         self.arrays_key = arrays_key
         self.base: State = {}
         self._base_arrays: ArrayRecord | None = None
@@ -150,6 +169,35 @@ class Guarded(StrategyWrapper):
                      else loc[k] for k in loc})
         return kept
 
+    def _trust(self, server_round: int, replies: Sequence[Message],
+               weights: Sequence[WeightsFn]) -> set[int]:
+        """Score each reply against the server's reference update; reject those pointing
+        away from it, down-weight the stragglers. Returns the ids of the replies kept."""
+        if self.reference is None or not replies:
+            return {id(m) for m in replies}
+        keys = float_keys(self.base)
+        ref = self.reference(self.base, server_round)
+        cosines = []
+        for fn in weights:
+            local = fn()
+            cosines.append(cosine({k: local[k] - self.base[k] for k in keys}, ref))
+        kept = set()
+        factors = trust_factors(cosines, self.trust_ratio)
+        for msg, cos, factor in zip(replies, cosines, factors, strict=True):
+            if factor <= 0:
+                self._reject(server_round, msg, f"update's cosine with the server's "
+                             f"reference update is {cos:.3f} (<= 0)")
+                continue
+            kept.add(id(msg))
+            if factor < 1.0:
+                rec = next(iter(msg.content.metric_records.values()))
+                claimed = check_weight(rec, "")
+                rec[NUM_EXAMPLES] = claimed * factor
+                self._act(server_round, msg, "down-weighted",
+                          f"cosine with the server's reference {cos:.3f} < {self.trust_ratio:g}"
+                          f" x the round's median; weight x {factor:.3f}")
+        return kept
+
     def _reject(self, server_round: int, msg: Message, reason: str) -> None:
         node = msg.metadata.src_node_id
         log.warning("rejected train reply from node %s: %s", node, reason)
@@ -165,6 +213,9 @@ class Guarded(StrategyWrapper):
         if ok and self.base:
             ok = self._cap_weights(server_round, ok)
             ok = self._bound_norms(server_round, ok)
+            kept = self._trust(server_round, ok, [
+                partial(_weights_of, m, self.arrays_key) for m in ok])
+            ok = [m for m in ok if id(m) in kept]
         if not ok:
             return None, None
         return self._finite(server_round, *self.strategy.aggregate_train(server_round, ok))
@@ -186,6 +237,8 @@ class Guarded(StrategyWrapper):
             for upd, scale in zip(ups, scales, strict=True):
                 upd.scale = scale if scale is not None else 1.0
             ups = [u for u, scale in zip(ups, scales, strict=True) if scale is not None]
+            kept = self._trust(server_round, [u.msg for u in ups], [u.weights for u in ups])
+            ups = [u for u in ups if id(u.msg) in kept]
         if not ups:
             return None, None
         inner = self.strategy
