@@ -1,6 +1,7 @@
 """Fuzz the server's decoder with hostile payloads: typed errors only, bounded cost.
 
     python -m fedslim.bench.fuzz --inputs 1000000
+    python -m fedslim.bench.fuzz --client        # hostile downlinks, decoded as a node does
 
 Builds valid payloads of a real update (the digits CNN: 151k parameters) under several
 pipelines, then mutates them: bit flips, byte runs, truncations, insertions, splices of two
@@ -11,6 +12,13 @@ model's names and shapes). Prints the number of inputs, how many decoded, how ma
 the typed ``DecodeError``, how many raised anything else (must be 0), how many took over
 ``--slow`` seconds (must be 0), the slowest input and the peak RSS; exits 1 on any
 untyped error or slow input. Deterministic for a given ``--seed``.
+
+``--client`` decodes the way a node decodes a downlink delta: against its model's names,
+shapes and size, into its reused buffers, and with *any* pipeline (a node that was not told
+the server's pipeline -- ``compression_mod`` in a stock app -- cannot pin it); the
+costliest-payload table then covers every pipeline family, each measured in a fresh
+process: decode time (max of 20) and peak RSS above the process with its buffers in use,
+as a multiple of the model's float32 size.
 """
 
 from __future__ import annotations
@@ -94,12 +102,99 @@ def worst_case(update: dict[str, torch.Tensor], limit: int,
     return "\n".join(lines)
 
 
+CLIENT_WORST = [  # (what, spec, zeros?): tiny payloads that decode to the whole model
+    ("rank-63 factors of zeros, 1-bit, rANS", "lowrank:63|q:1|ans", True),
+    ("dense 1-bit zeros, lane-coded rANS", "q:1|ans", True),
+    ("dense 8-bit zeros, zstd", "q:8|zstd", True),
+    ("99% kept, golomb positions, fp32", "topk:0.99|fp32|golomb", False),
+    ("99% kept, bitmap, 1-bit rANS", "topk:0.99|q:1|bitmap|ans", False),
+    ("dense fp32 update", "fp32", False),
+]
+
+
+def _client_payload(spec: str, zeros: bool) -> bytes:
+    torch.manual_seed(0)
+    state = build_model("digits_cnn").state_dict()
+    update = {k: torch.zeros_like(v) if zeros else torch.randn_like(v) * 0.01
+              for k, v in state.items()}
+    return encode_update(update, spec, schema_bound=True)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the process's peak RSS to its current RSS (Linux: clear_refs 5); return it
+    in kB. The peak after torch's import is far above any decode's, so ``ru_maxrss``
+    alone would show nothing."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _status_kb("VmRSS")
+
+
+def client_case(path: str, spec: str) -> str:
+    """Decode the payload in ``path`` as a node does, in a process that has allocated
+    nothing model-sized but the node's buffers (the shapes come from a meta-device model)."""
+    with torch.device("meta"):
+        state = build_model("digits_cnn").state_dict()
+    schema = {k: tuple(v.shape) for k, v in state.items()}
+    limit = sum(v.numel() for v in state.values())
+    with open(path, "rb") as fh:
+        payload = fh.read()
+    bufs = {k: torch.full(shape, 0.5) for k, shape in schema.items()}  # the node's, in use
+    # once first: code pages, allocator arenas (a one-off, not a per-downlink cost)
+    decode_update(payload, max_elements=limit, expected_spec=spec, schema=schema, out=bufs)
+    before = _reset_peak_rss()
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        decode_update(payload, max_elements=limit, schema=schema, out=bufs)
+        times.append(time.perf_counter() - t0)
+    grew = (_status_kb("VmHWM") - before) * 1024
+    times.sort()
+    return (f"{len(payload)} {1e3 * times[len(times) // 2]:.2f} {1e3 * times[-1]:.2f} "
+            f"{grew / (4 * limit):.2f} {grew / 1e6:.2f}")
+
+
+def client_worst_case() -> tuple[str, bool]:
+    """The costly downlinks, each in its own process; (table, all within 50 ms / 2x)."""
+    import subprocess
+    import tempfile
+
+    lines, ok = [], True
+    for name, spec, zeros in CLIENT_WORST:
+        with tempfile.NamedTemporaryFile(suffix=".payload") as fh:
+            fh.write(_client_payload(spec, zeros))
+            fh.flush()
+            out = subprocess.run([sys.executable, "-m", "fedslim.bench.fuzz", "--client-case",
+                                  fh.name, "--spec", spec], capture_output=True, text=True,
+                                 timeout=600, check=True).stdout.split()
+        size, median, ms, model_x, mb = int(out[0]), *map(float, out[1:])
+        ok = ok and ms <= 50 and model_x <= 2
+        lines.append(f"  {name:40s} {spec:26s} {size:7d} bytes: decode median {median:6.2f} "
+                     f"ms, max {ms:6.2f} ms (20 runs); peak RSS +{mb:.2f} MB = "
+                     f"{model_x:.2f}x the model")
+    return "\n".join(lines), ok
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--inputs", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slow", type=float, default=1.0, help="seconds that count as a hang")
+    p.add_argument("--client", action="store_true",
+                   help="decode as a node decodes a downlink: any pipeline, into buffers")
+    p.add_argument("--client-case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.client_case is not None:
+        print(client_case(args.client_case, args.spec))
+        return 0
     torch.manual_seed(args.seed)
     state = build_model("digits_cnn").state_dict()
     update = {k: torch.randn_like(v) * 0.01 for k, v in state.items()}
@@ -107,9 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     limit = sum(v.numel() for v in update.values())
     # Every pipeline, self-describing, schema-bound (compact records, names from the
     # receiver's schema: fedslim's downlink) and schema-bound + spec-implied (its uplink).
+    specs = SPECS + [s for _, s, _ in CLIENT_WORST] if args.client else SPECS
     expected = {encode_update(update, s, schema_bound=bound, spec_implied=implied): parse_spec(s)
-                for s in SPECS for bound, implied in ((False, False), (True, False),
-                                                      (True, True))}
+                for s in specs for bound, implied in ((False, False), (True, False),
+                                                      (True, True))
+                if not (args.client and implied)}  # a node has no spec to imply one
+    bufs = {k: torch.zeros_like(v) for k, v in update.items()} if args.client else None
     seeds = list(expected)
     rng = np.random.default_rng(args.seed)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -119,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     for i in range(args.inputs):
         data = mutate(seeds, rng)
-        spec = expected.get(seeds[i % len(seeds)])
+        spec = None if args.client else expected.get(seeds[i % len(seeds)])
         t0 = time.perf_counter()
         try:
-            decode_update(data, max_elements=limit, expected_spec=spec, schema=schema)
+            decode_update(data, max_elements=limit, expected_spec=spec, schema=schema,
+                          out=bufs)
             counts["decoded"] += 1
         except DecodeError:
             counts["typed"] += 1
@@ -145,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{limit * 4 / 1e6:.2f} MB fp32); {total:.0f} s")
     for line in other_examples:
         print("  " + line)
+    if args.client:
+        print("costliest valid downlinks (a node's limits: model size and shapes, any "
+              "pipeline; target <= 50 ms, <= 2x the model):")
+        table, bounded = client_worst_case()
+        print(table)
+        return 1 if counts["other"] or counts["slow"] or not bounded else 0
     print("costliest valid payloads (the server's limits: model size, expected pipeline):")
     print(worst_case(update, limit, schema))
     return 1 if counts["other"] or counts["slow"] else 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedslim.compression import entropy, lowrank
+from fedslim.compression import buffers, entropy, lowrank
 from fedslim.compression.bitpack import unpack_codes
 from fedslim.compression.buffers import all_finite
 from fedslim.compression.grammar import parse_spec
@@ -28,7 +28,12 @@ from fedslim.compression.pipeline import (
     _is_passthrough,
     _rank_of,
 )
-from fedslim.compression.positions import PositionCodec, decode_positions
+from fedslim.compression.positions import (
+    PositionCodec,
+    bitmap_mask,
+    decode_positions,
+    iter_rice,
+)
 from fedslim.compression.quantize import (
     CAST_CODECS,
     EncodedValues,
@@ -176,6 +181,39 @@ def decode_update(payload: bytes | bytearray | memoryview, *,
         raise DecodeError(f"malformed payload ({type(exc).__name__}: {exc})") from None
 
 
+def _scatter_masked(values: torch.Tensor, mask: np.ndarray, numel: int,
+                    out: torch.Tensor | None) -> torch.Tensor:
+    """``values`` placed at the set elements of ``mask`` in order, the rest zero: the same
+    tensor as ``_densify`` with ``flatnonzero(mask)``, without the 8-byte index array."""
+    if out is not None and buffers.fits(out, numel, torch.float32, values.device):
+        dense = out.view(-1)
+        dense.zero_()
+    else:
+        dense = buffers.zeros(numel, torch.float32, values.device)
+    dense.masked_scatter_(torch.from_numpy(mask).to(values.device).view(torch.bool), values)
+    return dense
+
+
+def _scatter_rice(values: torch.Tensor, rec: TensorRecord, out: torch.Tensor | None,
+                  where: str) -> torch.Tensor:
+    """``values`` placed at a golomb section's indices, decoded and placed a chunk at a
+    time (the same tensor as ``_densify`` with ``decode_positions``)."""
+    if out is not None and buffers.fits(out, rec.numel, torch.float32, values.device):
+        dense = out.view(-1)
+        dense.zero_()
+    else:
+        dense = buffers.zeros(rec.numel, torch.float32, values.device)
+    chunks = iter_rice(rec.positions, rec.rice_param, rec.count, rec.numel, where)
+    if dense.device.type == "cpu":  # numpy: one thread, no intra-op barrier per chunk
+        flat, vals = dense.numpy(), values.numpy()
+        for start, idx in chunks:
+            flat[idx] = vals[start:start + idx.size]
+        return dense
+    for start, idx in chunks:
+        dense[torch.from_numpy(idx).to(values.device)] = values[start:start + idx.size]
+    return dense
+
+
 def _decode(payload: bytes | bytearray | memoryview, max_elements: int,
             device: str | torch.device, expected_spec: PipelineSpec | str | None,
             schema: Mapping[str, tuple[int, ...]] | None,
@@ -204,17 +242,28 @@ def _decode(payload: bytes | bytearray | memoryview, max_elements: int,
         if not _is_passthrough(spec, rec.numel):
             kept_in_pool, pool_numel = kept_in_pool + rec.count, pool_numel + rec.numel
         lowrank_rec = rec.position_codec is PositionCodec.LOWRANK
-        idx = None if lowrank_rec else decode_positions(
+        bitmap = rec.position_codec is PositionCodec.BITMAP
+        rice = rec.position_codec is PositionCodec.RICE
+        mask = bitmap_mask(rec.positions, rec.count, rec.numel, where) if bitmap else None
+        idx = None if lowrank_rec or bitmap or rice else decode_positions(
             rec.position_codec, rec.rice_param, rec.positions, rec.count, rec.numel, where)
-        values = decode_values(_values_from_record(rec, dev, where))
+        buf = None if out is None else out.get(rec.name)
+        dense_values = rec.position_codec is PositionCodec.ALL
+        values = decode_values(_values_from_record(rec, dev, where),
+                               buf if dense_values else None)
         if rec.value_codec is not ValueCodec.QUANT and values.numel():
             lo, hi = torch.aminmax(values)
             if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
                 raise DecodeError(f"{where}: values contain NaN or Inf")
         index = None if idx is None else torch.from_numpy(idx).to(dev)
-        dense = (lowrank.reconstruct(values, rec.shape, rec.numel, rec.rice_param, where)
-                 if lowrank_rec else _densify(values, index, rec.numel,
-                                              None if out is None else out.get(rec.name)))
+        if lowrank_rec:
+            dense = lowrank.reconstruct(values, rec.shape, rec.numel, rec.rice_param, where, buf)
+        elif mask is not None:
+            dense = _scatter_masked(values, mask, rec.numel, buf)
+        elif rice:
+            dense = _scatter_rice(values, rec, buf, where)
+        else:
+            dense = _densify(values, index, rec.numel, buf)
         if lowrank_rec and not all_finite(dense):
             raise DecodeError(f"{where}: low-rank factors multiply out to NaN or Inf")
         tensors[rec.name] = dense.view(rec.shape)

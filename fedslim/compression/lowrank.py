@@ -23,6 +23,7 @@ multiply-add), so encoder and decoder produce the same float32 bits on any machi
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fedslim.compression.buffers import all_finite
@@ -76,9 +77,19 @@ def factorize(flat: torch.Tensor, shape: tuple[int, ...], rank: int,
     return values, q
 
 
+ROW_CHUNK_ELEMENTS = 1 << 16  # rows per pass (256 KB of float32 scratch)
+
+
 def reconstruct(values: torch.Tensor, shape: tuple[int, ...], numel: int, rank: int,
-                where: str) -> torch.Tensor:
-    """``P Q^T`` as a flat float32 tensor, bit-identical wherever it runs."""
+                where: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``P Q^T`` as a flat float32 tensor, bit-identical wherever it runs.
+
+    Every element is ``fl(...fl(fl(p0 q0) + fl(p1 q1)) ... + fl(p_r q_r))``, summed over
+    the rank in order (no BLAS reduction, whose order differs between machines). The rows
+    are done a block at a time with one reused scratch block, so the cost beyond the
+    result is ~256 KB, and the result goes into ``out`` when it is a float32 buffer of
+    ``numel`` elements.
+    """
     mn = matrix_shape(shape, numel)
     if mn is None:
         raise DecodeError(f"{where}: low-rank factors need a tensor of 2+ dimensions")
@@ -88,11 +99,38 @@ def reconstruct(values: torch.Tensor, shape: tuple[int, ...], numel: int, rank: 
         raise DecodeError(f"{where}: {values.numel()} factor values, rank {r} of a {m}x{n} "
                           f"matrix needs {r * (m + n)}")
     p = values[: m * r].view(m, r)
-    q = values[m * r:].view(n, r)
-    out = p[:, 0:1] * q[:, 0].unsqueeze(0)
-    for j in range(1, r):  # over the rank (<= 63), never over elements
-        out = out + p[:, j:j + 1] * q[:, j].unsqueeze(0)
-    return out.reshape(-1)
+    qt = values[m * r:].view(n, r).t().contiguous()  # (r, n): row j is column j of Q
+    if out is not None and out.dtype == torch.float32 and out.is_contiguous() \
+            and out.numel() == numel and out.device == values.device:
+        dense = out.view(m, n)
+    else:
+        dense = torch.empty(m, n, dtype=torch.float32, device=values.device)
+    rows = max(1, min(m, ROW_CHUNK_ELEMENTS // max(n, 1)))
+    if values.device.type == "cpu":  # numpy: the same IEEE products and sums, one thread
+        # (torch's intra-op threads pay a barrier per op: seconds on a busy machine)
+        _products_numpy(p.numpy(), qt.numpy(), dense.numpy(), rows)
+        return dense.view(-1)
+    scratch = torch.empty(rows, n, dtype=torch.float32, device=values.device)
+    for a in range(0, m, rows):  # over row blocks and the rank, never over elements
+        b = min(m, a + rows)
+        acc, tmp = dense[a:b], scratch[: b - a]
+        torch.mul(p[a:b, 0:1], qt[0], out=acc)
+        for j in range(1, r):
+            torch.mul(p[a:b, j:j + 1], qt[j], out=tmp)
+            acc.add_(tmp)
+    return dense.view(-1)
+
+
+def _products_numpy(p: np.ndarray, qt: np.ndarray, dense: np.ndarray, rows: int) -> None:
+    m, r = p.shape
+    scratch = np.empty((rows, qt.shape[1]), dtype=np.float32)
+    for a in range(0, m, rows):
+        b = min(m, a + rows)
+        acc, tmp = dense[a:b], scratch[: b - a]
+        np.multiply(p[a:b, 0:1], qt[0], out=acc)
+        for j in range(1, r):
+            np.multiply(p[a:b, j:j + 1], qt[j], out=tmp)
+            np.add(acc, tmp, out=acc)
 
 
 __all__ = ["MAX_RANK", "factor_count", "factorize", "matrix_shape", "reconstruct"]

@@ -21,6 +21,7 @@ indices cannot be expressed; the decoder checks the count, the range and the can
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -31,6 +32,7 @@ from fedslim.compression.spec import PositionCoding
 from fedslim.errors import DecodeError
 
 MAX_RICE_PARAM = 62
+RICE_CHUNK_BYTES = 1 << 11  # unary bytes per step of iter_rice (<= 16,384 code words)
 
 
 class PositionCodec(IntEnum):
@@ -138,16 +140,25 @@ def decode_positions(codec: PositionCodec, param: int, data: np.ndarray, count: 
     return _decode_rice(data, param, count, numel, where)
 
 
-def _decode_bitmap(data: np.ndarray, count: int, numel: int, where: str) -> np.ndarray:
+def bitmap_mask(data: np.ndarray, count: int, numel: int, where: str) -> np.ndarray:
+    """A bitmap section as one uint8 (0/1) per element, checked to mark ``count`` of them
+    (1 byte per element: no index array)."""
     if data.size != packed_size(numel, 1):
         raise DecodeError(f"{where}: bitmap is {data.size} bytes, expected "
                           f"{packed_size(numel, 1)} for {numel} elements")
     if numel % 8 and int(data[-1]) & ((1 << (8 - numel % 8)) - 1):
         raise DecodeError(f"{where}: bitmap padding bits are not zero")
-    idx = np.flatnonzero(np.unpackbits(data, count=numel))
-    if idx.size != count:
-        raise DecodeError(f"{where}: bitmap marks {idx.size} positions, header says {count}")
-    return idx.astype(np.int64, copy=False)
+    if count > numel:
+        raise DecodeError(f"{where}: {count} kept values but only {numel} elements")
+    mask = np.unpackbits(data, count=numel)
+    marked = int(np.count_nonzero(mask))
+    if marked != count:
+        raise DecodeError(f"{where}: bitmap marks {marked} positions, header says {count}")
+    return mask
+
+
+def _decode_bitmap(data: np.ndarray, count: int, numel: int, where: str) -> np.ndarray:
+    return np.flatnonzero(bitmap_mask(data, count, numel, where)).astype(np.int64, copy=False)
 
 
 def _decode_rice(data: np.ndarray, r: int, count: int, numel: int, where: str) -> np.ndarray:
@@ -179,3 +190,62 @@ def _decode_rice(data: np.ndarray, r: int, count: int, numel: int, where: str) -
     if int(idx[-1]) >= numel:
         raise DecodeError(f"{where}: index {int(idx[-1])} out of range for {numel} elements")
     return idx
+
+
+def iter_rice(data: np.ndarray, r: int, count: int, numel: int, where: str
+              ) -> Iterator[tuple[int, np.ndarray]]:
+    """A golomb section's indices a chunk at a time: ``(first code word, indices)``.
+
+    The same indices and checks as :func:`decode_positions` (RICE), but the unary stream
+    is read ``RICE_CHUNK_BYTES`` at a time, so a section of ``count`` positions costs
+    O(chunk) memory instead of ~40 bytes per position; the caller scatters each chunk.
+    """
+    if r > MAX_RICE_PARAM:
+        raise DecodeError(f"{where}: Rice parameter {r} > {MAX_RICE_PARAM}")
+    low, high = rice_size_range(count, numel, r)
+    if not low <= data.size <= high:
+        raise DecodeError(f"{where}: golomb section is {data.size} bytes, expected "
+                          f"{low}..{high} for {count} of {numel} elements")
+    if count > numel:
+        raise DecodeError(f"{where}: {count} kept values but only {numel} elements")
+    if count == 0:
+        return
+    split = count * r
+    ubyte, ubit = divmod(split, 8)
+    done, last, prev = 0, -1, -1  # code words so far, last index, last terminator bit
+    for b in range(ubyte, data.size, RICE_CHUNK_BYTES):
+        bits = np.unpackbits(data[b:b + RICE_CHUNK_BYTES])
+        base = (b - ubyte) * 8 - ubit
+        if b == ubyte:
+            bits, base = bits[ubit:], 0
+        terms = np.flatnonzero(bits) + base  # terminator offsets in the unary stream
+        if not terms.size:
+            continue
+        n = int(terms.size)
+        if done + n > count:
+            raise DecodeError(f"{where}: golomb unary stream has at least {done + n} code "
+                              f"words, header says {count}")
+        gaps = (np.diff(terms, prepend=np.int64(prev)) - 1)
+        if int(gaps.max()) > (numel >> r):
+            raise DecodeError(f"{where}: golomb gap exceeds the tensor size {numel}")
+        gaps <<= r
+        if r:
+            first = done * r
+            rem_bits = np.unpackbits(data[first // 8:((done + n) * r + 7) // 8])
+            rem = rem_bits[first % 8:first % 8 + n * r].reshape(n, r)
+            for plane in range(r):  # at most 62 bit planes, vectorised over the chunk
+                gaps |= rem[:, plane].astype(np.int64) << (r - 1 - plane)
+        if int(gaps.max()) >= numel:
+            raise DecodeError(f"{where}: golomb indices run past the tensor size {numel}")
+        gaps += 1
+        idx = np.cumsum(gaps, out=gaps)
+        idx += last
+        if int(idx[-1]) >= numel:
+            raise DecodeError(f"{where}: golomb indices run past the tensor size {numel}")
+        yield done, idx
+        done, last, prev = done + n, int(idx[-1]), int(terms[-1])
+    if done != count:
+        raise DecodeError(f"{where}: golomb unary stream has {done} code words, "
+                          f"header says {count}")
+    if (split + prev) // 8 != data.size - 1:
+        raise DecodeError(f"{where}: trailing bytes after the golomb unary stream")

@@ -190,29 +190,61 @@ def encode_values(values: torch.Tensor, config: ValueConfig,
     return _ENCODERS[type(config)](values, config, generator, where)
 
 
-def decode_values(enc: EncodedValues) -> torch.Tensor:
-    """Float32 values of ``enc`` on its device; the only decoding path, encoder and decoder."""
+def decode_values(enc: EncodedValues, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 values of ``enc`` on its device; the only decoding path, encoder and decoder.
+
+    ``out``: a contiguous float32 buffer of ``enc.count`` elements on that device to write
+    the values into (same bits; no new tensor of the record's size)."""
+    if out is not None and not (out.dtype == torch.float32 and out.is_contiguous()
+                                and out.numel() == enc.count
+                                and out.device == enc.data.device):
+        out = None
     if enc.codec is not ValueCodec.QUANT:
-        return enc.data.to(torch.float32)
-    return dequantize(enc.data, enc.scales, enc.bits, enc.block)
+        return enc.data.to(torch.float32) if out is None else out.view(-1).copy_(enc.data)
+    return dequantize(enc.data, enc.scales, enc.bits, enc.block, out)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, block: int
-               ) -> torch.Tensor:
-    """``scales[b] * lut[codes]`` as one gather from a per-block table (bit-exact anywhere)."""
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, block: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``scales[b] * lut[codes]`` as one gather from a per-block table (bit-exact anywhere);
+    into ``out`` (float32, ``codes.numel()`` elements, same device) when given."""
     count = codes.numel()
     if count == 0:
         return torch.zeros(0, dtype=torch.float32, device=codes.device)
     lut = _lut(bits, codes.device)
+    if codes.device.type == "cpu":  # in place, a chunk of indices at a time (no copies)
+        flat = torch.empty(count, dtype=torch.float32) if out is None else out.view(-1)
+        if scales.numel() == 1:
+            _take_into((lut * scales[0]).numpy(), codes.numpy(), flat.numpy())
+            return flat
+        _take_into(lut.numpy(), codes.numpy(), flat.numpy())
+        full = count // block if block else 0
+        if full:  # the same single rounding fl(lut[c] * s_b) as the padded grid below
+            flat[:full * block].view(full, block).mul_(scales[:full, None])
+        if full * block < count:
+            flat[full * block:].mul_(scales[full])
+        return flat
     if scales.numel() == 1:
-        return _gather(lut * scales[0], codes)
-    # fl(lut[c] * s_b): the same single rounding as a per-block table, without an index array
-    grid = _blocks(_gather(lut, codes), block)
-    return grid.mul_(scales[:, None]).reshape(-1)[:count]
+        values = _gather(lut * scales[0], codes)
+    else:  # fl(lut[c] * s_b): the same single rounding as a per-block table
+        values = _blocks(_gather(lut, codes), block).mul_(scales[:, None]).reshape(-1)[:count]
+    return values if out is None else out.view(-1).copy_(values)
 
 
 def _gather(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """``table[codes]`` for uint8 codes; numpy on CPU avoids an int64 index copy (5x faster)."""
     if codes.device.type == "cpu":
-        return torch.from_numpy(np.take(table.numpy(), codes.numpy()))
+        out = np.empty(codes.numel(), dtype=np.float32)
+        _take_into(table.numpy(), codes.numpy(), out)
+        return torch.from_numpy(out)
     return table[codes.to(torch.int64)]
+
+
+TAKE_CHUNK = 1 << 16
+
+
+def _take_into(table: np.ndarray, codes: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = table[codes]`` a chunk at a time: ``np.take`` widens its indices to
+    int64, so one call over all codes would allocate 8 bytes per code."""
+    for a in range(0, codes.size, TAKE_CHUNK):
+        np.take(table, codes[a:a + TAKE_CHUNK], out=out[a:a + TAKE_CHUNK])
