@@ -24,7 +24,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedslim.client.held import Pinned
 from fedslim.client.mod import make_compression_mod
+from fedslim.compression.auto import resolve
 from fedslim.config import RunConfig, parse_run_config
 from fedslim.errors import UpdateRejected
 from fedslim.flower_io import to_state
@@ -121,9 +123,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None,
     def spill(context: Context) -> bool:
         return parse_run_config(context.run_config, overrides).comp.spill_client_state
 
+    def downlink(context: Context) -> Pinned:
+        comp = parse_run_config(context.run_config, overrides).comp
+        return Pinned(delta=resolve(comp.downlink_spec), keyframe=comp.keyframe)
+
     client_app = ClientApp(mods=[*(mods or []),
                                  make_compression_mod(initial_state, state_dir,
-                                                      spill=spill),
+                                                      spill=spill, downlink=downlink),
                                  *(inner_mods or [])])
 
     @client_app.train()

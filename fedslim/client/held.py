@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fedslim.compression import buffers, decode_update
+from fedslim.compression import PipelineSpec, buffers, decode_update
 from fedslim.errors import DecodeError
 from fedslim.flower_io import apply_delta, chain_from_record, state_crc, state_record, to_state
 from fedslim.protocol import (
@@ -102,6 +103,14 @@ def _keep_global(context: Context, head: DownlinkHeader, state: State,
 InitialState = Callable[[Context], State]
 
 
+@dataclass(frozen=True)
+class Pinned:
+    """The downlink pipelines a node accepts: deltas, and a keyframe chain's keyframe."""
+
+    delta: PipelineSpec
+    keyframe: PipelineSpec
+
+
 def _base_state(context: Context, head: DownlinkHeader,
                 initial_state: InitialState | None, spill: Path | None) -> State:
     """The version the message builds on: held, or (``init_crc``) built here."""
@@ -125,8 +134,12 @@ def _base_state(context: Context, head: DownlinkHeader,
 
 def receive_global(msg: Message, context: Context, head: DownlinkHeader,
                    initial_state: InitialState | None = None,
-                   spill: Path | None = None) -> State:
+                   spill: Path | None = None, pinned: Pinned | None = None) -> State:
     """The global model this message brings the node to (remembered if ``head.keep``).
+
+    Every delta is decoded against the held model's names and shapes and its size; with
+    ``pinned``, also against the pipeline the node was told (a keyframe chain's first
+    payload: the keyframe spec).
 
     Raises
     ------
@@ -163,9 +176,12 @@ def receive_global(msg: Message, context: Context, head: DownlinkHeader,
             floats = {k: state[k] for k in keys}
             sparse, into = buffers.scratch(SCRATCH_SPARSE, floats), \
                 buffers.scratch(SCRATCH_GLOBAL, floats)
-            for payload in chain_from_record(content.array_records[DELTA], steps, "downlink"):
+            chain = chain_from_record(content.array_records[DELTA], steps, "downlink")
+            for i, payload in enumerate(chain):
+                expected = None if pinned is None else (
+                    pinned.keyframe if key and i == 0 else pinned.delta)
                 delta = decode_update(payload, max_elements=limit, schema=schema,
-                                      out=sparse).tensors
+                                      expected_spec=expected, out=sparse).tensors
                 for k, v in delta.items():
                     if k not in state or v.shape != state[k].shape:
                         raise DecodeError(f"downlink: delta tensor {k!r} does not fit the "

@@ -33,6 +33,7 @@ from fedslim.client.held import (
     SCRATCH_SPARSE,
     SCRATCH_UPDATE,
     InitialState,
+    Pinned,
     node_key,
     receive_global,
 )
@@ -194,7 +195,8 @@ def _payload_room(reply: Message, key: str, spec: PipelineSpec, start: State,
 
 def make_compression_mod(initial_state: InitialState | None = None,
                          state_dir: StateDir | None = None,
-                         spill: bool | Callable[[Context], bool] = False) -> Mod:
+                         spill: bool | Callable[[Context], bool] = False,
+                         downlink: Callable[[Context], Pinned | None] | None = None) -> Mod:
     """A ``compression_mod`` with optional node-side helpers.
 
     ``initial_state(context)`` builds the run's round-0 model on the node, so a server with
@@ -206,11 +208,16 @@ def make_compression_mod(initial_state: InitialState | None = None,
     lives only in ``state_dir``, not in ``context.state``. Flower's simulation engine keeps
     every node's context in the server process, so without it that process holds two
     models per node; with it, a few bytes per node.
+
+    ``downlink(context)``: the pipelines the node was told the server uses (its delta
+    spec, its keyframe spec); a downlink payload encoded with any other is rejected before
+    its records are read, as the server does with replies.
     """
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         return _compression(msg, context, call_next, initial_state, state_dir,
-                            spill(context) if callable(spill) else spill)
+                            spill(context) if callable(spill) else spill,
+                            downlink(context) if downlink is not None else None)
 
     mod.__name__ = mod.__qualname__ = "compression_mod"
     return mod
@@ -218,7 +225,7 @@ def make_compression_mod(initial_state: InitialState | None = None,
 
 def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower client mod: decompress the downlink, compress the app's train reply."""
-    return _compression(msg, context, call_next, None, None, False)
+    return _compression(msg, context, call_next, None, None, False, None)
 
 
 def _spill_dir(state_dir: StateDir | None, context: Context, spill: bool) -> Path | None:
@@ -237,7 +244,7 @@ def _spill_dir(state_dir: StateDir | None, context: Context, spill: bool) -> Pat
 
 def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
                  initial_state: InitialState | None, state_dir: StateDir | None,
-                 spill: bool) -> Message:
+                 spill: bool, pinned: Pinned | None) -> Message:
     header = msg.content.config_records.get(DOWN)
     if header is None:  # not from a fedslim-compressed server: stock behaviour
         return call_next(msg, context)
@@ -256,7 +263,8 @@ def _compression(msg: Message, context: Context, call_next: ClientAppCallable,
             built[0] += time.perf_counter() - t
 
     t0 = time.perf_counter()
-    start = receive_global(msg, context, head, build if initial_state else None, spill_dir)
+    start = receive_global(msg, context, head, build if initial_state else None, spill_dir,
+                           pinned)
     decoded = time.perf_counter() - t0 - built[0]
     content = msg.content
     for key in (DOWN, DELTA):
