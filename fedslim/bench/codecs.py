@@ -45,7 +45,7 @@ PIPELINES = [
     ("topk0.1%+q4+ans", "topk:0.001|q:4|ans"),
     ("topk1%+q2+ans", "topk:0.01|q:2|ans"),
 ]
-# The same pipelines as fedslim's uplink sends them: schema-bound (a 4-byte schema digest
+# The same pipelines as fedslim's uplink sends them: schema-bound (a 16-byte schema digest
 # instead of tensor names and shapes) and spec-implied (no spec string, no quantizer
 # block); decoded with the receiver's schema and the spec it asked for.
 SCHEMA_BOUND = [

@@ -1,4 +1,4 @@
-"""The fedslim wire format, version 2: framing, tensor records and their validation.
+"""The fedslim wire format, version 3: framing, tensor records and their validation.
 
 Layout (all integers little-endian; ``varint`` = unsigned LEB128, minimal, <= 10 bytes)::
 
@@ -34,7 +34,7 @@ model the update is for -- and everything their own fields imply::
 
     body
       varint spec_len, spec
-      4 bytes schema digest: blake2b-32 of the tensors' sorted (name, shape) list
+      16 bytes schema digest: blake2b-128 of the tensors' sorted (name, shape) list
       u8     source dtype of every tensor (0 f32, 1 f16, 2 bf16, 3 f64)
       one compact record per schema tensor, in sorted-name order
     compact record
@@ -78,7 +78,7 @@ from fedslim.compression.quantize import ValueCodec, n_scales
 from fedslim.errors import EncodeError
 
 MAGIC = b"FSLM"
-VERSION = 2  # 2: small entropy-coded records carry a model, not their histogram
+VERSION = 3  # 2: small entropy-coded records carry a model; 3: a 16-byte schema digest
 WIRE_STYPE = f"fedslim.wire/v{VERSION}"
 HEADER = struct.Struct("<4sHHQI")
 MAX_NDIM = 32
@@ -87,7 +87,9 @@ SCHEMA_BOUND = 1
 """Header flag: records carry no names, dtypes or shapes (see the module docstring)."""
 SPEC_IMPLIED = 2
 """Header flag (with SCHEMA_BOUND): no spec string, no quantizer block per record."""
-DIGEST_BYTES = 4
+DIGEST_BYTES = 16
+"""blake2b-128: a payload for one set of shapes cannot be made to pass under another (a
+4-byte digest collided in ~1 s of hashing)."""
 ZSTD_MIN_GAIN = 1 / 64
 """zstd output is kept only if it saves at least this fraction of a record's data."""
 
@@ -152,7 +154,7 @@ def _common_prefix(a: bytes, b: bytes) -> int:
 
 
 def schema_digest(schema: Mapping[str, tuple[int, ...]]) -> bytes:
-    """4 bytes identifying a set of tensors: blake2b over the sorted (name, shape) list."""
+    """16 bytes identifying a set of tensors: blake2b over the sorted (name, shape) list."""
     h = hashlib.blake2b(digest_size=DIGEST_BYTES, person=b"fedslim-schema")
     for name in sorted(schema):
         shape = schema[name]

@@ -53,8 +53,8 @@ def test_errors_share_the_root_and_bad_specs_raise_spec_error() -> None:
 
 
 def test_wire_stype_and_payload_start() -> None:
-    assert WIRE_STYPE == "fedslim.wire/v2"
-    assert encode_update({}, "none")[:6] == b"FSLM\x02\x00"
+    assert WIRE_STYPE == "fedslim.wire/v3"
+    assert encode_update({}, "none")[:6] == b"FSLM\x03\x00"
 
 
 def test_decode_to_another_device_argument_and_gradients_ignored() -> None:

@@ -51,7 +51,7 @@ def test_metadata_shrinks_on_the_digits_cnn() -> None:
     bound = encode_update(update, "topk:0.001|q:4", generator=gen().manual_seed(0),
                           schema_bound=True)
     assert len(plain) - len(bound) >= 120
-    assert payload_stats(bound, schema=schema).over_bound < 1.07
+    assert payload_stats(bound, schema=schema).over_bound < 1.08  # 1.074 (16-byte digest)
 
 
 def test_a_bound_payload_needs_the_schema_and_the_right_one() -> None:

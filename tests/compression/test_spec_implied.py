@@ -78,8 +78,9 @@ def test_implied_truncations_flips_and_mutations_raise_only_decode_error(text: s
                               expected_spec=text)
 
 
-def test_the_digits_cnn_at_one_per_mille_is_within_5_percent_of_the_bound() -> None:
-    """What was 1.064x schema-bound: the spec string and the block bytes were the rest."""
+def test_the_digits_cnn_at_one_per_mille_is_within_6_percent_of_the_bound() -> None:
+    """What was 1.074x schema-bound: the spec string and the block bytes were the rest
+    (1.049x with wire v2's 4-byte schema digest; the 16-byte one costs 12 bytes)."""
     from fedslim.bench.codecs import digits_cnn_update
 
     update = digits_cnn_update()
@@ -87,7 +88,7 @@ def test_the_digits_cnn_at_one_per_mille_is_within_5_percent_of_the_bound() -> N
     payload = encode_update(update, "topk:0.001|q:4", generator=torch.Generator().manual_seed(0),
                             schema_bound=True, spec_implied=True)
     stats = payload_stats(payload, schema=schema, spec="topk:0.001|q:4")
-    assert stats.over_bound <= 1.05, stats
+    assert stats.over_bound <= 1.06, stats
 
 
 _names = st.text(alphabet="abcdefgh._", min_size=1, max_size=12)
