@@ -117,3 +117,19 @@ def test_trust_leaves_an_honest_round_almost_untouched():
     weights = [d for r in history for d in r.defences if d.action == "down-weighted"]
     assert len(weights) <= len(history)  # at most a straggler a round loses some weight
     assert all(math.isfinite(float(d.detail.rsplit("x ", 1)[1])) for d in weights)
+
+
+def test_multikrum_averages_all_but_the_assumed_malicious_replies():
+    from fedslim.config import parse_run_config
+    from fedslim.strategies.registry import build_strategy
+
+    cfg = parse_run_config({}, {"strategy": "multikrum", "malicious-nodes": 1,
+                                "fraction-evaluate": 0.0, "min-train-nodes": 2,
+                                "min-available-nodes": 2})
+    inner = build_strategy(cfg)
+    grid = LoopbackGrid(make_quickstart_app([compression_mod]), 6)
+    strategy = Compressed(inner, uplink="none", downlink="none")
+    res = strategy.start(grid, initial_arrays(), num_rounds=3,
+                         train_config=ConfigRecord({"lr": 0.1}))
+    assert inner.num_nodes_to_select == 5  # type: ignore[attr-defined]
+    assert _accuracy(res.arrays.to_torch_state_dict()) > 0.6
