@@ -13,7 +13,9 @@ colluders' mean ``mu`` and per-coordinate standard deviation ``sigma``. Attacks:
   the default 3x clip;
 * ``label-flip`` -- each attacker trains on its own data with labels ``c -> C - 1 - c``;
 * ``inflate`` -- each attacker sends its own update flipped (normal norm) and claims 9.9 x
-  the colluders' median ``num-examples`` (under the default 10x reject).
+  the colluders' median ``num-examples`` (under the default 10x reject);
+* ``absent`` -- the colluders answer every train message with an error: what a perfect
+  defence leaves (the federation without the colluders' data), the floor to compare with.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from fedslim.protocol import (
 )
 
 State = dict[str, torch.Tensor]
-COLLUDING = ("alie", "flip-clip", "label-flip", "inflate")
+COLLUDING = ("alie", "flip-clip", "label-flip", "inflate", "absent")
 
 
 def is_colluding(kind: str) -> bool:
@@ -105,6 +107,8 @@ def colluder_mod(kind: str, attackers: int, overrides: Mapping[str, Any]) -> Mod
         pid = int(str(context.node_config[PARTITION_ID]))
         if pid >= attackers or msg.metadata.message_type != "train":
             return call_next(msg, context)
+        if kind == "absent":
+            raise RuntimeError(f"partition {pid} colludes by staying away")
         reply = call_next(msg, context)
         if reply.has_error():
             return reply

@@ -21,7 +21,11 @@ pytestmark = pytest.mark.e2e
 
 def test_every_attack_at_once_is_rejected_or_defended_and_the_run_finishes(tmp_path):
     overrides = {"num-server-rounds": 3, "output-dir": str(tmp_path), "progress": False,
-                 "uplink": "topk:0.1|q:4", "local-epochs": 1, "fraction-evaluate": 0.0}
+                 "uplink": "topk:0.1|q:4", "local-epochs": 1, "fraction-evaluate": 0.0,
+                 # the replies' own defects are tested here; trust (which also rejects an
+                 # honest update pointing away from the server's reference) is measured by
+                 # python -m fedslim.bench.adversarial --attackers 3
+                 "defence-trust-ratio": 0.0}
     proc = subprocess.run(
         [sys.executable, "-m", "fedslim.bench.adversarial", "--one", "mixed",
          "--overrides", json.dumps(overrides), "--num-clients", "10"], cwd=ROOT,
@@ -48,3 +52,23 @@ def test_every_attack_at_once_is_rejected_or_defended_and_the_run_finishes(tmp_p
         assert needle in everything, (needle, everything[:2000])
     assert ATTACKS[:6] == ["scaled", "sign-flip-heavy", "huge", "metric-list", "weight-inf",
                            "replay"]
+
+
+def test_three_colluders_pointing_away_are_rejected_by_trust(tmp_path):
+    """Partitions 0-2 of ten send -2 x their mean honest update (valid payloads, norms
+    under the clip): the trust defence rejects them; the norm rules alone do not."""
+    overrides = {"num-server-rounds": 3, "output-dir": str(tmp_path), "progress": False,
+                 "partitioning": "dirichlet", "local-epochs": 1, "fraction-evaluate": 0.0}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedslim.bench.adversarial", "--one", "ipm:2", "--attackers",
+         "3", "--overrides", json.dumps(overrides), "--num-clients", "10"], cwd=ROOT,
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = load_results(tmp_path)
+    assert res.final is not None and res.final.error is None
+    for r in res.rounds:  # left out of every aggregate: rejected, or weight 0
+        by_trust = {x.partition for x in r.rejects if "reference update" in x.reason} | {
+            d.partition for d in r.defences if d.action == "weight-zero"}
+        assert {0, 1, 2} <= by_trust, (r.round, r.rejects, r.defences)
+        assert any("reference update" in x.reason for x in r.rejects)
+        assert r.aggregated

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -88,12 +89,14 @@ def test_cosine_matches_torch_and_is_zero_for_a_zero_update():
 def test_trust_factors_rule(cosines, ratio):
     factors = trust_factors(cosines, ratio)
     assert len(factors) == len(cosines)
+    positive = sorted(c for c in cosines if c > 0)
     for c, f in zip(cosines, factors, strict=True):
-        assert 0.0 <= f <= 1.0
-        assert (f == 0.0) == (c <= 0)
+        assert f == -1.0 or 0.0 <= f <= 1.0
+        assert (f <= 0.0) == (c <= 0)
+        if positive:  # rejected only when pointing away at least as clearly as ratio x m
+            assert (f == -1.0) == (c < -ratio * statistics.median(positive))
     order = sorted(range(len(cosines)), key=cosines.__getitem__)
     assert all(factors[i] <= factors[j] for i, j in zip(order, order[1:], strict=False))
-    positive = sorted(c for c in cosines if c > 0)
     if positive:  # the median positive update is never touched
         assert factors[cosines.index(positive[len(positive) // 2])] == 1.0
 
