@@ -70,6 +70,9 @@ class RunRecorder:
             parts.append(f"[yellow]{len(r.rejects)} rejected[/yellow]")
         if r.silent:
             parts.append(f"[yellow]{r.silent} silent[/yellow]")
+        left_out = sum(d.action == "weight-zero" for d in r.defences)
+        if left_out:
+            parts.append(f"{left_out} left out")
         if not r.aggregated:
             parts.append("[red]no update: no valid train reply[/red]")
         if r.distill is not None:

@@ -21,11 +21,12 @@ Per round, with the global model the replies started from:
   scaled down onto it; the bound is ``clip_ratio`` x the round's median update norm (needs
   3+ replies), capped by ``max_norm`` when that is set;
 * **trust** (with a ``reference``: the server's own update on a root set it holds, see
-  :mod:`fedslim.strategies.trust`) -- an update whose cosine with the reference is below
-  ``-trust_ratio`` x the round's median positive cosine is rejected, one at or below 0 is
-  left out of this round's aggregate, one below ``trust_ratio`` x the median loses weight
-  in proportion. This is what stops colluders who send valid, well-bounded updates that point
-  the wrong way (inner-product manipulation, sign flips, label flipping);
+  :mod:`fedslim.strategies.trust`) -- an update whose cosine with the reference is <= 0
+  is left out of this round's aggregate (``weight-zero``; not counted as a rejected
+  reply: the cosine cannot tell an honest update on skewed data from a liar's), one
+  below ``trust_ratio`` x the round's median positive cosine loses weight in proportion.
+  This is what stops colluders who send valid, well-bounded updates that point the wrong
+  way (inner-product manipulation, sign flips, label flipping);
 * **finite aggregate** -- if the inner strategy still returns NaN/Inf, the round is
   dropped and the global model kept (it can never become NaN).
 
@@ -185,14 +186,9 @@ class Guarded(StrategyWrapper):
         kept = set()
         factors = trust_factors(cosines, self.trust_ratio)
         for msg, cos, factor in zip(replies, cosines, factors, strict=True):
-            if factor < 0:
-                self._reject(server_round, msg, f"update's cosine with the server's "
-                             f"reference update is {cos:.3f}, below -{self.trust_ratio:g} x "
-                             "the round's median")
-                continue
-            if factor == 0:
+            if factor <= 0:
                 self._act(server_round, msg, "weight-zero", f"cosine with the server's "
-                          f"reference {cos:.3f} <= 0: not aggregated this round")
+                          f"reference update {cos:.3f} <= 0: left out of this round")
                 continue
             kept.add(id(msg))
             if factor < 1.0:

@@ -6,12 +6,13 @@ holds (by default the first ``defence-trust-examples`` examples of its validatio
 with the clients' own training settings; the result minus the global model is the
 *reference update*. A client update ``u`` is scored by its cosine with the reference:
 
-* ``cos < -ratio x m`` (``m`` = the round's median positive cosine) -- the update points
-  away from what the server's own data asks for as clearly as a typical one points along
-  it (inner-product manipulation, sign flips, label flipping): the reply is rejected;
-* ``-ratio x m <= cos <= 0`` -- no agreement: weight 0 this round (not a verdict: honest
-  updates on skewed data land here now and then, mostly in the first rounds);
-* ``0 < cos < ratio x m``: its weight is scaled by ``cos / (ratio x m)``;
+* ``cos <= 0`` -- the update points away from what the server's own data asks for
+  (inner-product manipulation, sign flips, label flipping): it is left out of this round's
+  aggregate (weight 0). Not a verdict on the node -- honest updates on skewed data land
+  here now and then, mostly next to the random initial model, and the cosine cannot tell
+  them from a liar's -- so it is not counted as a rejected reply;
+* ``0 < cos < ratio x m`` (``m`` = the round's median positive cosine): its weight is
+  scaled by ``cos / (ratio x m)``;
 * otherwise the reply is untouched.
 
 Unlike FLTrust, updates keep their own magnitude (the norm bound handles that) and their
@@ -52,14 +53,13 @@ def cosine(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Ten
 
 
 def trust_factors(cosines: Sequence[float], ratio: float) -> list[float]:
-    """Per update: -1.0 (rejected), 0.0 (weight 0 this round), a weight factor in (0, 1),
-    or 1.0 (untouched). Without any positive cosine nothing is trusted (all 0.0)."""
+    """Per update: 0.0 (left out this round), a weight factor in (0, 1), or 1.0
+    (untouched). Without any positive cosine nothing is trusted (all 0.0)."""
     positive = [c for c in cosines if c > 0]
     if not positive:
         return [0.0] * len(cosines)
     floor = ratio * statistics.median(positive)
-    return [-1.0 if c < -floor else 0.0 if c <= 0 else 1.0 if c >= floor else c / floor
-            for c in cosines]
+    return [0.0 if c <= 0 else 1.0 if c >= floor else c / floor for c in cosines]
 
 
 class ServerReference:
