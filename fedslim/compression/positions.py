@@ -162,34 +162,8 @@ def _decode_bitmap(data: np.ndarray, count: int, numel: int, where: str) -> np.n
 
 
 def _decode_rice(data: np.ndarray, r: int, count: int, numel: int, where: str) -> np.ndarray:
-    if r > MAX_RICE_PARAM:
-        raise DecodeError(f"{where}: Rice parameter {r} > {MAX_RICE_PARAM}")
-    low, high = rice_size_range(count, numel, r)
-    if not low <= data.size <= high:
-        raise DecodeError(f"{where}: golomb section is {data.size} bytes, expected "
-                          f"{low}..{high} for {count} of {numel} elements")
-    if count == 0:
-        return np.zeros(0, dtype=np.int64)
-    stream = np.unpackbits(data)  # at most 8 bytes per byte actually received
-    split = count * r
-    terminators = np.flatnonzero(stream[split:])
-    if terminators.size != count:
-        raise DecodeError(f"{where}: golomb unary stream has {terminators.size} code words, "
-                          f"header says {count}")
-    if (split + int(terminators[-1])) // 8 != data.size - 1:
-        raise DecodeError(f"{where}: trailing bytes after the golomb unary stream")
-    quotients = np.diff(terminators, prepend=np.int64(-1)) - 1
-    if int(quotients.max()) > (numel >> r):
-        raise DecodeError(f"{where}: golomb gap exceeds the tensor size {numel}")
-    gaps = quotients << r
-    for plane in range(r):  # at most 62 bit planes, each one vectorised over all indices
-        gaps |= stream[plane:split:r].astype(np.int64) << (r - 1 - plane)
-    if int(gaps.max()) >= numel or float(gaps.sum(dtype=np.float64)) + count > numel:
-        raise DecodeError(f"{where}: golomb indices run past the tensor size {numel}")
-    idx = np.cumsum(gaps + 1) - 1
-    if int(idx[-1]) >= numel:
-        raise DecodeError(f"{where}: index {int(idx[-1])} out of range for {numel} elements")
-    return idx
+    parts = [idx for _, idx in iter_rice(data, r, count, numel, where)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def iter_rice(data: np.ndarray, r: int, count: int, numel: int, where: str

@@ -18,6 +18,7 @@ from fedslim.strategies.guard import Guarded
 from fedslim.strategies.trust import ServerReference, cosine, trust_factors
 from tests.apps import Net, initial_arrays, load_data, make_quickstart_app
 from tests.loopback import LoopbackGrid
+from tests.strategies.test_guard import _accuracy
 
 COLLUDERS = (0, 1)  # partition ids
 
@@ -63,14 +64,6 @@ def _run(eps: float | None, trust: bool, stream: bool = True, rounds: int = 4
                          train_config=ConfigRecord({"lr": 0.1}))
     strategy.collector.close()
     return res.arrays.to_torch_state_dict(), strategy.collector.history
-
-
-def _accuracy(state: dict) -> float:
-    net = Net()
-    net.load_state_dict(state)
-    x, y = load_data(99)
-    with torch.no_grad():
-        return float((net(x).argmax(1) == y).float().mean())
 
 
 def test_cosine_matches_torch_and_is_zero_for_a_zero_update():
