@@ -185,6 +185,11 @@ class Guarded(StrategyWrapper):
             cosines.append(cosine({k: local[k] - self.base[k] for k in keys}, ref))
         kept = set()
         factors = trust_factors(cosines, self.trust_ratio)
+        if cosines and max(cosines) <= 0:
+            self.collector.open(server_round).defences.append(Defence(
+                node=0, partition=None, action="trust-skipped",
+                detail=f"no update agrees with the server's reference (max cosine "
+                       f"{max(cosines):.3f}): the reference says nothing this round"))
         for msg, cos, factor in zip(replies, cosines, factors, strict=True):
             if factor <= 0:
                 self._act(server_round, msg, "weight-zero", f"cosine with the server's "

@@ -54,10 +54,12 @@ def cosine(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Ten
 
 def trust_factors(cosines: Sequence[float], ratio: float) -> list[float]:
     """Per update: 0.0 (left out this round), a weight factor in (0, 1), or 1.0
-    (untouched). Without any positive cosine nothing is trusted (all 0.0)."""
+    (untouched). Without any positive cosine the reference says nothing this round (next
+    to a random initial model every honest update can point away from it: measured with
+    two clients in round 1): every factor is 1.0 and the norm rules alone apply."""
     positive = [c for c in cosines if c > 0]
     if not positive:
-        return [0.0] * len(cosines)
+        return [1.0] * len(cosines)
     floor = ratio * statistics.median(positive)
     return [0.0 if c <= 0 else 1.0 if c >= floor else c / floor for c in cosines]
 
