@@ -24,9 +24,10 @@ Per round, with the global model the replies started from:
   :mod:`fedslim.strategies.trust`) -- an update whose cosine with the reference is <= 0
   is left out of this round's aggregate (``weight-zero``; not counted as a rejected
   reply: the cosine cannot tell an honest update on skewed data from a liar's), one
-  below ``trust_ratio`` x the round's median positive cosine loses weight in proportion.
-  This is what stops colluders who send valid, well-bounded updates that point the wrong
-  way (inner-product manipulation, sign flips, label flipping);
+  below ``trust_ratio`` x the round's median positive cosine loses weight in proportion
+  (needs 3+ replies, like the ratios). This is what stops colluders who send valid,
+  well-bounded updates that point the wrong way (inner-product manipulation, sign flips,
+  label flipping);
 * **finite aggregate** -- if the inner strategy still returns NaN/Inf, the round is
   dropped and the global model kept (it can never become NaN).
 
@@ -176,6 +177,12 @@ class Guarded(StrategyWrapper):
         """Score each reply against the server's reference update; reject those pointing
         away from it, down-weight the stragglers. Returns the ids of the replies kept."""
         if self.reference is None or not replies:
+            return {id(m) for m in replies}
+        if len(replies) < 3:  # like the ratio rules: no round median to weigh against, and
+            # leaving one of two out can put the round under min-train-nodes
+            self.collector.open(server_round).defences.append(Defence(
+                node=0, partition=None, action="trust-skipped",
+                detail=f"{len(replies)} replies: trust needs 3+"))
             return {id(m) for m in replies}
         keys = float_keys(self.base)
         ref = self.reference(self.base, server_round)

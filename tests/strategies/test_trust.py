@@ -130,3 +130,14 @@ def test_multikrum_averages_all_but_the_assumed_malicious_replies():
                          train_config=ConfigRecord({"lr": 0.1}))
     assert inner.num_nodes_to_select == 5  # type: ignore[attr-defined]
     assert _accuracy(res.arrays.to_torch_state_dict()) > 0.6
+
+
+def test_trust_stands_aside_with_fewer_than_three_replies():
+    grid = LoopbackGrid(make_quickstart_app([compression_mod, colluders(2.0)]), 2)
+    strategy = Compressed(Guarded(FedAvg(fraction_evaluate=0.0, min_train_nodes=2,
+                                         min_available_nodes=2), reference=_reference()),
+                          uplink="none", downlink="none")
+    strategy.start(grid, initial_arrays(), num_rounds=2, train_config=ConfigRecord({"lr": 0.1}))
+    strategy.collector.close()
+    for r in strategy.collector.history:
+        assert [d.action for d in r.defences] == ["trust-skipped"] and r.aggregated
