@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedslim.compression import buffers, entropy, lowrank
+from fedslim.compression import entropy, lowrank
 from fedslim.compression.bitpack import unpack_codes
 from fedslim.compression.buffers import all_finite
 from fedslim.compression.grammar import parse_spec
@@ -27,6 +27,7 @@ from fedslim.compression.pipeline import (
     _densify,
     _is_passthrough,
     _rank_of,
+    zeroed,
 )
 from fedslim.compression.positions import (
     PositionCodec,
@@ -185,11 +186,7 @@ def _scatter_masked(values: torch.Tensor, mask: np.ndarray, numel: int,
                     out: torch.Tensor | None) -> torch.Tensor:
     """``values`` placed at the set elements of ``mask`` in order, the rest zero: the same
     tensor as ``_densify`` with ``flatnonzero(mask)``, without the 8-byte index array."""
-    if out is not None and buffers.fits(out, numel, torch.float32, values.device):
-        dense = out.view(-1)
-        dense.zero_()
-    else:
-        dense = buffers.zeros(numel, torch.float32, values.device)
+    dense = zeroed(out, numel, values.device)
     dense.masked_scatter_(torch.from_numpy(mask).to(values.device).view(torch.bool), values)
     return dense
 
@@ -198,11 +195,7 @@ def _scatter_rice(values: torch.Tensor, rec: TensorRecord, out: torch.Tensor | N
                   where: str) -> torch.Tensor:
     """``values`` placed at a golomb section's indices, decoded and placed a chunk at a
     time (the same tensor as ``_densify`` with ``decode_positions``)."""
-    if out is not None and buffers.fits(out, rec.numel, torch.float32, values.device):
-        dense = out.view(-1)
-        dense.zero_()
-    else:
-        dense = buffers.zeros(rec.numel, torch.float32, values.device)
+    dense = zeroed(out, rec.numel, values.device)
     chunks = iter_rice(rec.positions, rec.rice_param, rec.count, rec.numel, where)
     if dense.device.type == "cpu":  # numpy: one thread, no intra-op barrier per chunk
         flat, vals = dense.numpy(), values.numpy()

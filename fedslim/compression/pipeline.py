@@ -110,17 +110,23 @@ def _host_bytes(enc: EncodedValues, use_entropy: bool
     return scales, host.view(np.uint8), False
 
 
+def zeroed(out: torch.Tensor | None, numel: int, device: torch.device) -> torch.Tensor:
+    """A zero float32 vector of ``numel``: ``out`` (zeroed here) when it is a contiguous
+    buffer of that size on ``device``, else a new one."""
+    if out is not None and buffers.fits(out, numel, torch.float32, device):
+        dense = out.view(-1)
+        dense.zero_()
+        return dense
+    return buffers.zeros(numel, torch.float32, device)
+
+
 def _densify(values: torch.Tensor, idx: torch.Tensor | None, numel: int,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """``values`` scattered to ``idx`` in a zero tensor of ``numel`` -- ``out`` (zeroed
     here) when it is a contiguous float32 buffer of that size on that device."""
     if idx is None:
         return values
-    if out is not None and buffers.fits(out, numel, torch.float32, values.device):
-        dense = out.view(-1)
-        dense.zero_()
-    else:
-        dense = buffers.zeros(numel, torch.float32, values.device)
+    dense = zeroed(out, numel, values.device)
     dense[idx] = values
     return dense
 

@@ -174,16 +174,15 @@ class Guarded(StrategyWrapper):
 
     def _trust(self, server_round: int, replies: Sequence[Message],
                weights: Sequence[WeightsFn]) -> set[int]:
-        """Score each reply against the server's reference update; reject those pointing
+        """Score each reply against the server's reference update; leave out those pointing
         away from it, down-weight the stragglers. Returns the ids of the replies kept."""
+        everyone = {id(m) for m in replies}
         if self.reference is None or not replies:
-            return {id(m) for m in replies}
+            return everyone
         if len(replies) < 3:  # like the ratio rules: no round median to weigh against, and
             # leaving one of two out can put the round under min-train-nodes
-            self.collector.open(server_round).defences.append(Defence(
-                node=0, partition=None, action="trust-skipped",
-                detail=f"{len(replies)} replies: trust needs 3+"))
-            return {id(m) for m in replies}
+            self._skip_trust(server_round, f"{len(replies)} replies: trust needs 3+")
+            return everyone
         keys = float_keys(self.base)
         ref = self.reference(self.base, server_round)
         cosines = []
@@ -192,11 +191,9 @@ class Guarded(StrategyWrapper):
             cosines.append(cosine({k: local[k] - self.base[k] for k in keys}, ref))
         kept = set()
         factors = trust_factors(cosines, self.trust_ratio)
-        if cosines and max(cosines) <= 0:
-            self.collector.open(server_round).defences.append(Defence(
-                node=0, partition=None, action="trust-skipped",
-                detail=f"no update agrees with the server's reference (max cosine "
-                       f"{max(cosines):.3f}): the reference says nothing this round"))
+        if max(cosines) <= 0:
+            self._skip_trust(server_round, f"no update agrees with the server's reference "
+                             f"(max cosine {max(cosines):.3f}): it says nothing this round")
         for msg, cos, factor in zip(replies, cosines, factors, strict=True):
             if factor <= 0:
                 self._act(server_round, msg, "weight-zero", f"cosine with the server's "
@@ -211,6 +208,10 @@ class Guarded(StrategyWrapper):
                           f"cosine with the server's reference {cos:.3f} < {self.trust_ratio:g}"
                           f" x the round's median; weight x {factor:.3f}")
         return kept
+
+    def _skip_trust(self, server_round: int, why: str) -> None:
+        self.collector.open(server_round).defences.append(Defence(
+            node=0, partition=None, action="trust-skipped", detail=why))
 
     def _reject(self, server_round: int, msg: Message, reason: str) -> None:
         node = msg.metadata.src_node_id

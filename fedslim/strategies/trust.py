@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -74,8 +75,6 @@ class ServerReference:
         self.seconds = 0.0
 
     def __call__(self, base: State, server_round: int) -> State:
-        import time
-
         t0 = time.perf_counter()
         self.model.load_state_dict(base)
         self.train_fn(self.model, server_round)
